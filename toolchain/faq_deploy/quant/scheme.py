@@ -1,0 +1,43 @@
+"""The weight quantization scheme every method shares, so comparisons are fair."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from faq_deploy.errors import InvalidQuantConfig
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """Groups of `group_size` consecutive input channels per output row, `bits` per code.
+
+    Asymmetric (default): integer zero point per group. Symmetric: codes offset by 2^(bits-1).
+    """
+
+    bits: int = 4
+    group_size: int = 32
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise InvalidQuantConfig(f"bits={self.bits} is not supported",
+                                     f"use one of {', '.join(map(str, SUPPORTED_BITS))}")
+        g = self.group_size
+        if g < 16 or g & (g - 1):
+            raise InvalidQuantConfig(f"group size {g} is not a power of two ≥ 16",
+                                     "use 16, 32, 64, 128 or 256")
+
+    @property
+    def max_code(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def container_bits(self) -> int:
+        """Bits of the MatMulNBits node that stores these codes: no kernel takes bits=3, so 3-bit
+        codes travel in a 4-bit container (exact: codes < 8 are valid 4-bit codes)."""
+        return 4 if self.bits == 3 else self.bits
+
+    def to_dict(self) -> dict[str, int | bool]:
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
