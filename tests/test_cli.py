@@ -45,6 +45,9 @@ def gpt2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["eval", "--text", "no-such-corpus"], 8, "no text at 'no-such-corpus'"),
     (["eval", "--tokens", "10"], 8, "do not fill one 1024-token window"),
     (["quantize", "--method", "gptq", "--out", "x"], 2, "Invalid value for '--method'"),
+    (["quantize", "--method", "awq", "--gamma", "0.5", "--out", "x"], 5, "awq does not take gamma"),
+    (["quantize", "--gamma", "1.5", "--out", "x"], 5, "gamma=1.5 (0…1)"),
+    (["quantize", "--calib", "no-such-text", "--out", "x"], 8, "no text at 'no-such-text'"),
 ])
 def test_bad_input_has_a_message_and_exit_code(args: list[str], code: int, message: str, real_cache: Path) -> None:
     result = invoke(*args)
@@ -68,11 +71,12 @@ def test_debug_env_reraises(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_quantize_then_eval_the_checkpoint(tmp_path: Path, real_cache: Path) -> None:
     out = tmp_path / "rtn-w4g64"
-    made = json.loads(invoke("quantize", "--bits", "4", "--group", "64", "--out", str(out), "--json").stdout)
+    made = json.loads(invoke("quantize", "--method", "rtn", "--bits", "4", "--group", "64", "--out", str(out),
+                             "--json").stdout)
     assert made["linears"] == 210 and made["bits"] == 4 and Path(made["out"]) == out
     assert made["bytes"] < 0.5 * 540e6  # codes instead of float32 block weights
 
-    args = ["--tokens", "512", "--window", "256", "--json"]
+    args = ["--tokens", "512", "--ppl-window", "256", "--json"]
     from_checkpoint = json.loads(invoke("eval", "--model", str(out), *args).stdout)
     on_the_fly = json.loads(invoke("eval", "--quantize", "rtn", "--bits", "4", "--group", "64", *args).stdout)
     for key in ("model", "method", "bits", "group", "tokens", "perplexity"):

@@ -78,3 +78,9 @@ def test_narrow_corpus_is_revisited_with_fresh_windows(tokenizer: Tokenizer, rea
     rows = calibration_rows(tokenizer, decade, samples=3 * len(decade), seq_len=64, seed=0)
     assert rows.shape == (3 * len(decade), 64)
     assert len({tuple(row.tolist()) for row in rows}) == len(rows)
+
+
+def test_calibration_text_shorter_than_a_row_is_refused(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    (tmp_path / "short.txt").write_text("a few words only")
+    with pytest.raises(TextError, match="fewer than 512 tokens"):
+        calibration_rows(tokenizer, load_corpus(str(tmp_path)), samples=2, seq_len=512, seed=0)

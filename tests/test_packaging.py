@@ -37,3 +37,10 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert len(commands) == 2, "the README's first lines give the main command and the test command"
     test_command = next(c for c in commands if "pytest" in c)
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_documents_every_exit_code() -> None:
+    from faq_deploy.errors import EXIT_CODES
+
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"| {code} |" in readme for code in EXIT_CODES)

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
+from faq_deploy.data import Calibration
 from faq_deploy.errors import CheckpointError
 from faq_deploy.models import ModelRef
 from faq_deploy.quant import QuantizedModel, describe
@@ -59,7 +60,7 @@ def _olive_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor
 
 
 def save(quantized: QuantizedModel, tokenizer: PreTrainedTokenizerBase, source: ModelRef,
-         out: str | os.PathLike) -> Path:
+         out: str | os.PathLike, calibration: Calibration | None = None) -> Path:
     """Write the checkpoint atomically: `out` appears complete or not at all."""
     schemes = {w.scheme for w in quantized.weights.values()}
     if len(schemes) != 1:
@@ -88,7 +89,9 @@ def save(quantized: QuantizedModel, tokenizer: PreTrainedTokenizerBase, source: 
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(tmp)
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        record = {"quantization": describe(quantized.config), "modules": sorted(quantized.weights),
+        record = {"quantization": describe(quantized.config),
+                  "calibration": asdict(calibration) if calibration else None,
+                  "modules": sorted(quantized.weights),
                   "source": {"name": source.name, "kind": source.kind, "path": source.path,
                              "sha256": source.sha256},
                   "seconds": round(quantized.seconds, 3)}

@@ -135,6 +135,19 @@ def eval_tokens(tokenizer: Tokenizer, docs: list[Document], n_tokens: int | None
     return torch.tensor(ids, dtype=torch.long)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Which calibration tokens a method sees; recorded with the checkpoint so runs can be repeated."""
+
+    text: str = "speeches-calib"
+    samples: int = 32
+    seq_len: int = 512
+    seed: int = 0
+
+    def rows(self, tokenizer: Tokenizer) -> torch.Tensor:
+        return calibration_rows(tokenizer, load_corpus(self.text), self.samples, self.seq_len, self.seed)
+
+
 def calibration_rows(tokenizer: Tokenizer, docs: list[Document], samples: int, seq_len: int,
                      seed: int) -> torch.Tensor:
     """`samples` rows of `seq_len` tokens, deterministic in `seed`.
@@ -148,16 +161,18 @@ def calibration_rows(tokenizer: Tokenizer, docs: list[Document], samples: int, s
         raise TextError(f"calibration needs samples ≥ 1 and seq_len ≥ 2, got {samples} and {seq_len}",
                         "raise --samples / --seq-len")
     rng = np.random.default_rng(seed)
-    encoded = [e.ids for e in tokenizer.encode_batch([d.text for d in docs], add_special_tokens=False)]
     separator = tokenizer.encode(SEPARATOR, add_special_tokens=False).ids
-    if sum(len(ids) for ids in encoded) < seq_len:
-        raise TextError(f"the calibration text holds fewer than {seq_len} tokens", "add text or lower --seq-len")
+    encoded: dict[int, list[int]] = {}  # only the documents drawn are tokenized
     packed: list[int] = []
     while len(packed) < samples * seq_len:
-        for index in rng.permutation(len(encoded)):
+        for index in rng.permutation(len(docs)):
+            if index not in encoded:
+                encoded[index] = tokenizer.encode(docs[index].text, add_special_tokens=False).ids
             ids = encoded[index]
             start = int(rng.integers(0, len(ids) - seq_len + 1)) if len(ids) > seq_len else 0
             packed += ids[start:start + seq_len] + separator
             if len(packed) >= samples * seq_len:
                 break
+        if len(encoded) == len(docs) and sum(map(len, encoded.values())) < seq_len:
+            raise TextError(f"the calibration text holds fewer than {seq_len} tokens", "add text or lower --seq-len")
     return torch.tensor(packed[:samples * seq_len], dtype=torch.long).view(samples, seq_len)

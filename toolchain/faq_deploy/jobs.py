@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from faq_deploy import checkpoint, models
-from faq_deploy.data import eval_tokens, load_corpus
+from faq_deploy.data import Calibration, eval_tokens, load_corpus
 from faq_deploy.perplexity import perplexity
 from faq_deploy.quant import quantize
 
@@ -38,6 +38,7 @@ class EvalResult:
     window: int
     perplexity: float
     nll: float
+    quant_seconds: float | None
     seconds: float
 
 
@@ -45,17 +46,24 @@ def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def run_quantize(model_spec: str | None, config: Any, out: str) -> QuantizeResult:
+def _quantize(loaded: models.LoadedModel, config: Any, calibration: Calibration):
+    rows = calibration.rows(loaded.tokenizer.backend_tokenizer) if config.needs_calibration else None
+    return quantize(loaded.model, config, rows)
+
+
+def run_quantize(model_spec: str | None, config: Any, calibration: Calibration, out: str) -> QuantizeResult:
     loaded = models.load(model_spec)
-    quantized = quantize(loaded.model, config)
-    folder = checkpoint.save(quantized, loaded.tokenizer, loaded.ref, out)
+    quantized = _quantize(loaded, config, calibration)
+    used = calibration if config.needs_calibration else None
+    folder = checkpoint.save(quantized, loaded.tokenizer, loaded.ref, out, used)
     scheme = config.scheme
     return QuantizeResult(loaded.ref.name, config.method, scheme.bits, scheme.group_size, scheme.symmetric,
                           len(quantized.weights), round(quantized.seconds, 3), str(folder),
                           _folder_bytes(folder))
 
 
-def run_eval(model_spec: str | None, config: Any | None, text: str, tokens: int, window: int) -> EvalResult:
+def run_eval(model_spec: str | None, config: Any | None, calibration: Calibration, text: str, tokens: int,
+             window: int) -> EvalResult:
     """Perplexity of a model (quantized on the fly when `config` is given) or of a checkpoint."""
     start = time.perf_counter()
     if model_spec and checkpoint.is_checkpoint(model_spec):
@@ -63,15 +71,15 @@ def run_eval(model_spec: str | None, config: Any | None, text: str, tokens: int,
         name = Path(model_spec).name
         record = loaded.record["quantization"]
         method, scheme = record["method"], record["scheme"]
+        quant_seconds = loaded.record["seconds"]
     else:
         loaded = models.load(model_spec)
         name = loaded.ref.name
-        if config is not None:
-            quantize(loaded.model, config)
+        quant_seconds = _quantize(loaded, config, calibration).seconds if config is not None else None
         method = config.method if config else "fp"
         scheme = asdict(config.scheme) if config else {}
     ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(text), tokens)
     result = perplexity(loaded.model, ids, window)
     return EvalResult(name, method, scheme.get("bits"), scheme.get("group_size"), scheme.get("symmetric"),
                       text, result.tokens, window, round(result.perplexity, 4), round(result.nll, 6),
-                      round(time.perf_counter() - start, 2))
+                      quant_seconds and round(quant_seconds, 2), round(time.perf_counter() - start, 2))

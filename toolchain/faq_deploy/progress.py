@@ -1,7 +1,8 @@
-"""Progress bars for long steps: on stderr, and only when it is a terminal (CI logs stay clean)."""
+"""Progress bars for long steps, on stderr: live on a terminal, an update every 30 s in a log."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import TypeVar
 
@@ -11,4 +12,6 @@ T = TypeVar("T")
 
 
 def progress(items: Iterable[T], desc: str, unit: str, total: int | None = None) -> Iterable[T]:
-    return tqdm(items, desc=desc, unit=unit, total=total, leave=False, disable=None, dynamic_ncols=True)
+    live = sys.stderr.isatty()
+    return tqdm(items, desc=desc, unit=unit, total=total, dynamic_ncols=live, ascii=not live,
+                mininterval=0.1 if live else 30.0, file=sys.stderr)

@@ -9,7 +9,9 @@ from typing import Any
 
 import click
 
-from faq_deploy.quant import METHODS
+from faq_deploy.data import Calibration
+from faq_deploy.quant import METHODS, make_config
+from faq_deploy.quant.faq import SCOPES, WINDOW_WEIGHTS
 from faq_deploy.quant.scheme import QuantScheme
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -35,16 +37,40 @@ def method_option(default: str | None, help: str) -> Decorator:
                         show_default=True, help=help)
 
 
-scheme_options = _stack(
+# Method knobs default to None, meaning "the method's own default" (see quant/awq.py, quant/faq.py).
+quant_options = _stack(
     click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight: 2, 3, 4 or 8."),
     click.option("--group", "group_size", type=int, default=32, show_default=True,
                  help="Input channels per quantization group (a power of two ≥ 16)."),
     click.option("--symmetric", is_flag=True, help="Symmetric codes instead of an integer zero point."),
+    click.option("--calib", "calib_text", default="speeches-calib", show_default=True, metavar="TEXT",
+                 help="awq/faq: calibration text (same forms as --text)."),
+    click.option("--samples", type=click.IntRange(min=1), default=32, show_default=True,
+                 help="awq/faq: calibration rows."),
+    click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True,
+                 help="awq/faq: tokens per calibration row."),
+    click.option("--seed", type=int, default=0, show_default=True, help="awq/faq: calibration sampling seed."),
+    click.option("--search-rows", type=int, default=None,
+                 help="awq/faq: rows the scale search scores candidates on [default: 8]."),
+    click.option("--clip/--no-clip", default=None, help="awq/faq: AWQ auto-clip [default: on]."),
+    click.option("--gamma", type=float, default=None,
+                 help="faq: weight of the future profile, 0 = AWQ [default: 0.5]."),
+    click.option("--window", type=int, default=None, help="faq: future blocks previewed [default: 3]."),
+    click.option("--window-weights", type=click.Choice(WINDOW_WEIGHTS), default=None,
+                 help="faq: weights over the window [default: uniform]."),
+    click.option("--rho", type=float, default=None, help="faq: ratio of geometric window weights [default: 0.5]."),
+    click.option("--scope", type=click.Choice(SCOPES), default=None,
+                 help="faq: residual (groups fed by the residual stream) or all [default: residual]."),
 )
 
 
-def scheme_from(bits: int, group_size: int, symmetric: bool) -> QuantScheme:
-    return QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric)
+def quant_request(method: str, options: dict[str, Any]) -> tuple[Any, Calibration]:
+    """The method config and calibration the quant_options describe."""
+    scheme = QuantScheme(bits=options.pop("bits"), group_size=options.pop("group_size"),
+                         symmetric=options.pop("symmetric"))
+    calibration = Calibration(options.pop("calib_text"), options.pop("samples"), options.pop("seq_len"),
+                              options.pop("seed"))
+    return make_config(method, scheme, **options), calibration
 
 
 def emit(result: Any, as_json: bool) -> None:

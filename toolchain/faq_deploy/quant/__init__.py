@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple
 
 import torch
 from transformers import PreTrainedModel
 
 from faq_deploy.errors import InvalidQuantConfig
+from faq_deploy.quant.awq import AwqConfig, quantize_awq
+from faq_deploy.quant.faq import FaqConfig, quantize_faq
 from faq_deploy.quant.quantizer import QuantizedWeight
 from faq_deploy.quant.rtn import RtnConfig, quantize_rtn
 from faq_deploy.quant.scheme import QuantScheme
@@ -27,6 +29,8 @@ class Method(NamedTuple):
 
 METHODS: dict[str, Method] = {
     RtnConfig.method: Method(RtnConfig, quantize_rtn),
+    AwqConfig.method: Method(AwqConfig, quantize_awq),
+    FaqConfig.method: Method(FaqConfig, quantize_faq),
 }
 
 
@@ -41,9 +45,16 @@ class QuantizedModel:
 
 
 def make_config(method: str, scheme: QuantScheme, **options: Any) -> Any:
+    """The config of `method`; options left as None take the method's defaults."""
     if method not in METHODS:
         raise InvalidQuantConfig(f"unknown method {method!r}", f"use one of {', '.join(METHODS)}")
-    return METHODS[method].config(scheme=scheme, **options)
+    config_type = METHODS[method].config
+    known = {f.name for f in fields(config_type)} - {"scheme"}
+    given = {k: v for k, v in options.items() if v is not None}
+    if unknown := sorted(given.keys() - known):
+        raise InvalidQuantConfig(f"{method} does not take {', '.join(unknown)}",
+                                 f"{method} takes: {', '.join(sorted(known)) or 'no options'}")
+    return config_type(scheme=scheme, **given)
 
 
 def describe(config: Any) -> dict[str, Any]:
@@ -55,7 +66,12 @@ def describe(config: Any) -> dict[str, Any]:
 def quantize(model: PreTrainedModel, config: Any, calibration: torch.Tensor | None = None) -> QuantizedModel:
     """Quantize every block Linear of `model` in place with the method `config` names."""
     if config.needs_calibration and calibration is None:
-        raise InvalidQuantConfig(f"{config.method} needs calibration tokens", "pass --calib TEXT")
+        raise InvalidQuantConfig(f"{config.method} needs calibration tokens", "pass calibration rows")
+    # On CUDA when there is one; the result always lands on the CPU, where export reads it.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
-    weights = METHODS[config.method].run(model, config, calibration)
+    model.to(device)
+    weights = METHODS[config.method].run(model, config, None if calibration is None else calibration.to(device))
+    model.to("cpu")
+    weights = {name: weight.cpu() for name, weight in weights.items()}
     return QuantizedModel(model, weights, config, time.perf_counter() - start)

@@ -7,7 +7,7 @@ The record QuantizedWeight is what every method produces and what export consume
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,9 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
+    def cpu(self) -> QuantizedWeight:
+        return replace(self, codes=self.codes.cpu(), scales=self.scales.cpu(), zeros=self.zeros.cpu())
+
     def dequantize(self) -> torch.Tensor:
         """(q − z) · scale, float32 [N, K]."""
         k = self.codes.shape[1]
@@ -40,7 +43,7 @@ class QuantizedWeight:
         return (self.codes.float() - zeros) * scales
 
 
-def _grouped(weight: torch.Tensor, group: int) -> torch.Tensor:
+def grouped(weight: torch.Tensor, group: int) -> torch.Tensor:
     """[N, K] → [N, G, group]; a partial last group is padded by repeating its last value, which
     leaves the group's min and max (and so its scale) unchanged."""
     n, k = weight.shape
@@ -52,7 +55,7 @@ def _grouped(weight: torch.Tensor, group: int) -> torch.Tensor:
 
 def quantize_weight(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
     n, k = weight.shape
-    w = _grouped(weight.detach().float(), scheme.group_size)
+    w = grouped(weight.detach().float(), scheme.group_size)
     if scheme.symmetric:
         half = 1 << (scheme.bits - 1)
         scales = (w.abs().amax(dim=-1) / (half - 1)).clamp(min=_MIN_SCALE)

@@ -1,0 +1,265 @@
+"""AWQ with AutoAWQ semantics (FAQ_SPEC.md §1): per-channel scales searched on calibration
+activations, folded into the preceding op, auto-clip, then the quantizer; block by block, with
+full-precision activations propagated from block to block.
+
+Two passes. The statistics pass runs the FP model block by block over every calibration row and
+keeps only a_{b,G} (per-channel mean |x|, kilobytes). The main pass then works on the first
+`search_rows` rows: the 20-candidate search dominates the cost and is scored there. FAQ
+(quant/faq.py) changes one thing, the statistic the search starts from (`StatsHook`), and so costs
+no more than AWQ: both need every block's statistics, FAQ just reads them ahead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from faq_deploy.architectures import Architecture, ScalingGroup, active_groups, architecture_of
+from faq_deploy.errors import InvalidQuantConfig
+from faq_deploy.progress import progress
+from faq_deploy.quant.quantizer import QuantizedWeight, grouped, quantize_linear_, quantize_weight
+from faq_deploy.quant.scheme import QuantScheme
+
+
+@dataclass(frozen=True)
+class AwqConfig:
+    method: ClassVar[str] = "awq"
+    version: ClassVar[int] = 1
+    needs_calibration: ClassVar[bool] = True
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+    grid: int = 20          # candidate ratios r = 0, 1/grid, …, (grid−1)/grid
+    clip: bool = True       # AWQ auto-clip (skips q and k)
+    clip_tokens: int = 512  # tokens sampled for the clip search
+    # Calibration rows the scale search scores its candidates on; the statistics use every row.
+    # The 20-candidate search is ~90% of the time and grows linearly with it (CPU: ~1 s per
+    # block per 512-token row on the default model), the statistics cost one forward.
+    search_rows: int = 8
+
+    def __post_init__(self) -> None:
+        if min(self.grid, self.clip_tokens, self.search_rows) < 1:
+            raise InvalidQuantConfig(
+                f"grid={self.grid}, clip_tokens={self.clip_tokens} and search_rows={self.search_rows} must be ≥ 1",
+                "use the defaults (20, 512 and 8)")
+
+
+Statistics = dict[tuple[int, str], torch.Tensor]  # (block, group name) → a_{b,G}, float32 [channels]
+
+# (all statistics, block, group) → the statistic the scale search uses. AWQ: the block's own a.
+StatsHook = Callable[[Statistics, int, ScalingGroup], torch.Tensor]
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once it has what it came for."""
+
+
+def block_inputs(model: PreTrainedModel, blocks: nn.ModuleList,
+                 calibration: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The first block's hidden-state input [rows, seq, hidden] and the keyword arguments
+    (rotary embeddings, mask, positions) every block is called with."""
+    captured: dict[str, Any] = {}
+
+    def stop(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured["x"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = kwargs
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model(calibration, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured["x"], captured["kwargs"]
+
+
+@dataclass
+class BlockCapture:
+    """What one forward pass of a block recorded."""
+
+    calls: dict[str, tuple[tuple, dict]]  # module name → (args, kwargs) it was called with
+    outputs: dict[str, torch.Tensor]      # module name → its output
+    block_out: torch.Tensor
+
+    def input(self, name: str) -> torch.Tensor:
+        args, kwargs = self.calls[name]
+        return args[0] if args else kwargs["hidden_states"]
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], watch: set[str]) -> BlockCapture:
+    """Forward one block, recording the calls and outputs of the `watch` modules."""
+    calls: dict[str, tuple[tuple, dict]] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in watch:
+        module = block.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(
+            lambda _m, a, k, name=name: calls.__setitem__(name, (a, k)), with_kwargs=True))
+        handles.append(module.register_forward_hook(
+            lambda _m, _a, out, name=name: outputs.__setitem__(name, _first(out))))
+    try:
+        block_out = _first(block(x, **kwargs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return BlockCapture(calls, outputs, block_out)
+
+
+def channel_mean_abs(x: torch.Tensor) -> torch.Tensor:
+    """a: per-input-channel mean of |x| over all tokens, float32 [channels]."""
+    return x.reshape(-1, x.shape[-1]).abs().float().mean(dim=0)
+
+
+def weight_profile(weights: list[torch.Tensor], group: int) -> torch.Tensor:
+    """w̄: per input channel, the mean over output rows of |w| / (max |w| of its group)."""
+    w = torch.cat(weights, dim=0).abs().float()
+    k = w.shape[1]
+    g = grouped(w, group)
+    return (g / (g.amax(dim=-1, keepdim=True) + 1e-6)).reshape(w.shape[0], -1)[:, :k].mean(dim=0)
+
+
+def candidate_scales(a: torch.Tensor, w_bar: torch.Tensor, ratio: float) -> torch.Tensor:
+    s = (a.pow(ratio) / (w_bar.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+
+@torch.no_grad()
+def search_scale(block: nn.Module, group: ScalingGroup, capture: BlockCapture, a: torch.Tensor,
+                 scheme: QuantScheme, grid: int) -> tuple[torch.Tensor, float]:
+    """The s of the best ratio on the unmodified block, and that ratio."""
+    balance = [block.get_submodule(name) for name in group.balance]
+    originals = [linear.weight.detach().clone() for linear in balance]
+    w_bar = weight_profile(originals, scheme.group_size)
+    args, kwargs = capture.calls[group.inspect]
+    inspect = block.get_submodule(group.inspect)
+    target = capture.outputs[group.inspect]
+    best: tuple[float, float, torch.Tensor] = (float("inf"), 0.0, torch.ones_like(a))
+    try:
+        for step in range(grid):
+            ratio = step / grid
+            s = candidate_scales(a, w_bar, ratio)
+            for linear, w in zip(balance, originals, strict=True):
+                linear.weight.copy_(quantize_weight(w * s, scheme).dequantize() / s)
+            loss = (_first(inspect(*args, **kwargs)) - target).float().pow(2).mean().item()
+            if loss < best[0]:
+                best = (loss, ratio, s)
+    finally:
+        for linear, w in zip(balance, originals, strict=True):
+            linear.weight.copy_(w)
+    return best[2], best[1]
+
+
+@torch.no_grad()
+def apply_scale(block: nn.Module, group: ScalingGroup, s: torch.Tensor) -> None:
+    """Fold s: prev_op's output ÷ s, balance inputs × s. Without quantization this preserves the
+    block's function exactly (up to float rounding)."""
+    prev = block.get_submodule(group.prev_op)
+    if isinstance(prev, nn.Linear):
+        prev.weight.div_(s[:, None])
+    else:  # a norm: its weight scales each output channel
+        prev.weight.div_(s)
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.div_(s)
+    for name in group.balance:
+        block.get_submodule(name).weight.mul_(s[None, :])
+
+
+@torch.no_grad()
+def auto_clip_(linear: nn.Linear, x: torch.Tensor, scheme: QuantScheme, tokens: int,
+               grid: int = 20, max_shrink: float = 0.5) -> None:
+    """Clamp each (output row, group) to the max-abs shrink factor in 1.00, 0.95, …, 0.55 that best
+    preserves the group-partial products on `tokens` sampled inputs.
+
+    The error of a group's partial product, mean_t (x_t,g · d_g)² for the weight change d_g, is the
+    quadratic form d_gᵀ H_g d_g with H_g = X_gᵀ X_g / T: one [g, g] Gram matrix per group replaces
+    a [T, N] product per group and shrink step.
+    """
+    g = scheme.group_size
+    x = x.reshape(-1, x.shape[-1]).float()
+    x = x[:: max(1, len(x) // tokens)][:tokens]
+    w = linear.weight.float()
+    pad = -w.shape[1] % g  # zero-pad a partial last group: zeros add nothing to the products
+    xg = nn.functional.pad(x, (0, pad)).reshape(len(x), -1, g)  # [T, G, g]
+    gram = torch.einsum("tgk,tgl->gkl", xg, xg) / len(x)  # [G, g, g]
+
+    def error(candidate: torch.Tensor) -> torch.Tensor:  # [N, G]
+        d = nn.functional.pad(candidate - w, (0, pad)).reshape(w.shape[0], -1, g)
+        return (torch.einsum("ngk,gkl->ngl", d, gram) * d).sum(dim=-1)
+
+    max_abs = grouped(w.abs(), g).amax(dim=-1)  # [N, G]
+    best_max, best_err = max_abs.clone(), torch.full_like(max_abs, float("inf"))
+    for step in range(int(max_shrink * grid)):
+        limit = max_abs * (1 - step / grid)
+        err = error(quantize_weight(_clamp_groups(w, limit, g), scheme).dequantize())
+        better = err < best_err
+        best_err, best_max = torch.where(better, err, best_err), torch.where(better, limit, best_max)
+    linear.weight.copy_(_clamp_groups(w, best_max, g).to(linear.weight.dtype))
+
+
+def _clamp_groups(w: torch.Tensor, limit: torch.Tensor, group: int) -> torch.Tensor:
+    """Clamp each group of w [N, K] to ±limit [N, G]."""
+    bound = limit.repeat_interleave(group, dim=1)[:, : w.shape[1]]
+    return torch.maximum(torch.minimum(w, bound), -bound)
+
+
+def _quantize_block(block: nn.Module, prefix: str, arch: Architecture, capture: BlockCapture,
+                    config: AwqConfig) -> dict[str, QuantizedWeight]:
+    for name in arch.linears:
+        if config.clip and name not in arch.no_clip:
+            auto_clip_(block.get_submodule(name), capture.input(name), config.scheme, config.clip_tokens)
+    return {f"{prefix}.{name}": quantize_linear_(block.get_submodule(name), config.scheme) for name in arch.linears}
+
+
+@torch.no_grad()
+def activation_statistics(model: PreTrainedModel, calibration: torch.Tensor) -> Statistics:
+    """The statistics pass: one FP forward, block by block, recording a_{b,G} for every group."""
+    arch = architecture_of(model)
+    blocks = model.get_submodule(arch.blocks)
+    x, kwargs = block_inputs(model, blocks, calibration)
+    stats: Statistics = {}
+    for index in progress(range(len(blocks)), "statistics", "block"):
+        groups = active_groups(arch, blocks[index])
+        capture = run_block(blocks[index], x, kwargs, {g.balance[0] for g in groups})
+        for group in groups:
+            stats[index, group.name] = channel_mean_abs(capture.input(group.balance[0]))
+        x = capture.block_out
+    return stats
+
+
+def _own_statistic(stats: Statistics, index: int, group: ScalingGroup) -> torch.Tensor:
+    return stats[index, group.name]
+
+
+@torch.no_grad()
+def quantize_awq(model: PreTrainedModel, config: AwqConfig, calibration: torch.Tensor,
+                 stats_hook: StatsHook = _own_statistic) -> dict[str, QuantizedWeight]:
+    """Scale, clip and quantize every block in place; returns the integer record per Linear."""
+    stats = activation_statistics(model, calibration)
+    arch = architecture_of(model)
+    blocks = model.get_submodule(arch.blocks)
+    x, kwargs = block_inputs(model, blocks, calibration[: config.search_rows])
+    watch = set(arch.linears) | {g.inspect for g in arch.groups}
+    weights: dict[str, QuantizedWeight] = {}
+    for index in progress(range(len(blocks)), f"{config.method} blocks", "block"):
+        block = blocks[index]
+        groups = active_groups(arch, block)
+        fp = run_block(block, x, kwargs, watch)
+        scales = [search_scale(block, g, fp, stats_hook(stats, index, g), config.scheme, config.grid)[0]
+                  for g in groups]
+        for group, s in zip(groups, scales, strict=True):
+            apply_scale(block, group, s)
+        scaled = run_block(block, x, kwargs, set(arch.linears)) if config.clip else fp
+        weights.update(_quantize_block(block, f"{arch.blocks}.{index}", arch, scaled, config))
+        x = fp.block_out  # full-precision propagation: the next block sees the FP output
+    return weights
