@@ -26,6 +26,22 @@ CONFIGS = ("w4g32", "w4g64", "w3g32", "w3g64")
 FAQ_DEPLOY = str(Path(sys.executable).with_name("faq-deploy"))
 
 
+class ResultLog:
+    """Append-only JSONL of finished runs: a long bench resumes where it stopped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def has(self, key: dict) -> bool:
+        return any({k: row.get(k) for k in key} == key for row in self.rows)
+
+    def add(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.rows.append(row)
+
+
 def run_args(method: str, config: str, calib: str, seed: int, args: argparse.Namespace) -> list[str]:
     cmd = [FAQ_DEPLOY, "eval", "--json", "--text", "speeches-eval", "--tokens", str(args.tokens)]
     if method != "fp":
@@ -130,22 +146,19 @@ def main() -> None:
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    log = args.out / "results.jsonl"
-    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log = ResultLog(args.out / "results.jsonl")
     settings = {"samples": args.samples, "seq_len": args.seq_len, "tokens": args.tokens}
     for key in plan(args):
-        if any({k: r[k] for k in key} == key and r["settings"] == settings for r in done):
+        if log.has({**key, "settings": settings}):
             continue
         calib = DOMAINS.get(key["domain"], "speeches-calib")
         result = {**key, "settings": settings,
                   **measure(run_args(key["method"], key["config"], calib, key["seed"] or 0, args))}
         print(f"{key['domain']:<9} {key['config']:<6} {key['method']:<4} seed={key['seed']}: "
               f"ppl {result['perplexity']:.4f}, quantize {result['quant_seconds']} s", flush=True)
-        with log.open("a") as f:
-            f.write(json.dumps(result) + "\n")
-        done.append(result)
+        log.add(result)
 
-    table = summarize([r for r in done if r["settings"] == settings])
+    table = summarize([r for r in log.rows if r["settings"] == settings])
     (args.out / "quality.json").write_text(json.dumps({"settings": settings, "rows": table}, indent=2))
     (args.out / "quality.md").write_text(markdown(table) + "\n")
     plot(table, args.out / "quality.png")

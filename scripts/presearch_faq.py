@@ -11,11 +11,10 @@ presearch.jsonl and are skipped when present, so the surface can be filled over 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
-from bench_quality import FAQ_DEPLOY, measure
+from bench_quality import FAQ_DEPLOY, ResultLog, measure
 
 CALIB, HELD_OUT = "speeches:1790-1989", "speeches:1990-1999"
 
@@ -32,26 +31,23 @@ def main() -> None:
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    log = args.out / "presearch.jsonl"
-    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log = ResultLog(args.out / "presearch.jsonl")
     for seed in args.seeds:
         for window in args.windows:
             for gamma in args.gammas:
                 key = {"gamma": gamma, "window": window, "seed": seed, "bits": args.bits, "group": args.group,
                        "tokens": args.tokens}
-                if any({k: r[k] for k in key} == key for r in done) or (gamma == 0 and window != args.windows[0]):
+                if log.has(key) or (gamma == 0 and window != args.windows[0]):
                     continue  # gamma = 0 is AWQ whatever the window: one run per seed
                 cmd = [FAQ_DEPLOY, "eval", "--json", "--quantize", "faq", "--bits", str(args.bits),
                        "--group", str(args.group), "--gamma", str(gamma), "--window", str(window),
                        "--calib", CALIB, "--seed", str(seed), "--text", HELD_OUT, "--tokens", str(args.tokens)]
                 result = {**key, **measure(cmd)}
                 print(f"gamma={gamma} window={window} seed={seed}: ppl {result['perplexity']:.4f}", flush=True)
-                with log.open("a") as f:
-                    f.write(json.dumps(result) + "\n")
-                done.append(result)
+                log.add(result)
 
     surface: dict[tuple[float, int], list[float]] = {}
-    for r in done:
+    for r in log.rows:
         window = args.windows[0] if r["gamma"] == 0 else r["window"]
         surface.setdefault((r["gamma"], window), []).append(r["perplexity"])
     rows = sorted(((statistics.mean(v), g, w, len(v)) for (g, w), v in surface.items()))

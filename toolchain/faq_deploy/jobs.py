@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from faq_deploy import checkpoint, models
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
 from faq_deploy.perplexity import perplexity
-from faq_deploy.quant import quantize
+from faq_deploy.quant import QuantizedModel, quantize
+from faq_deploy.quant.scheme import MethodConfig
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,12 @@ def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _quantize(loaded: models.LoadedModel, config: Any, calibration: Calibration):
+def _quantize(loaded: models.LoadedModel, config: MethodConfig, calibration: Calibration) -> QuantizedModel:
     rows = calibration.rows(loaded.tokenizer.backend_tokenizer) if config.needs_calibration else None
     return quantize(loaded.model, config, rows)
 
 
-def run_quantize(model_spec: str | None, config: Any, calibration: Calibration, out: str) -> QuantizeResult:
+def run_quantize(model_spec: str | None, config: MethodConfig, calibration: Calibration, out: str) -> QuantizeResult:
     loaded = models.load(model_spec)
     quantized = _quantize(loaded, config, calibration)
     used = calibration if config.needs_calibration else None
@@ -62,7 +62,7 @@ def run_quantize(model_spec: str | None, config: Any, calibration: Calibration, 
                           _folder_bytes(folder))
 
 
-def run_eval(model_spec: str | None, config: Any | None, calibration: Calibration, text: str, tokens: int,
+def run_eval(model_spec: str | None, config: MethodConfig | None, calibration: Calibration, text: str, tokens: int,
              window: int) -> EvalResult:
     """Perplexity of a model (quantized on the fly when `config` is given) or of a checkpoint."""
     start = time.perf_counter()

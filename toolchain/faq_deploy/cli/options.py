@@ -12,7 +12,7 @@ import click
 from faq_deploy.data import Calibration
 from faq_deploy.quant import METHODS, make_config
 from faq_deploy.quant.faq import SCOPES, WINDOW_WEIGHTS
-from faq_deploy.quant.scheme import QuantScheme
+from faq_deploy.quant.scheme import MethodConfig, QuantScheme
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -64,7 +64,7 @@ quant_options = _stack(
 )
 
 
-def quant_request(method: str, options: dict[str, Any]) -> tuple[Any, Calibration]:
+def quant_request(method: str, options: dict[str, Any]) -> tuple[MethodConfig, Calibration]:
     """The method config and calibration the quant_options describe."""
     scheme = QuantScheme(bits=options.pop("bits"), group_size=options.pop("group_size"),
                          symmetric=options.pop("symmetric"))

@@ -19,11 +19,11 @@ from faq_deploy.quant.awq import AwqConfig, quantize_awq
 from faq_deploy.quant.faq import FaqConfig, quantize_faq
 from faq_deploy.quant.quantizer import QuantizedWeight
 from faq_deploy.quant.rtn import RtnConfig, quantize_rtn
-from faq_deploy.quant.scheme import QuantScheme
+from faq_deploy.quant.scheme import MethodConfig, QuantScheme
 
 
 class Method(NamedTuple):
-    config: type
+    config: type[MethodConfig]
     run: Callable[..., dict[str, QuantizedWeight]]
 
 
@@ -40,11 +40,11 @@ class QuantizedModel:
 
     model: PreTrainedModel
     weights: dict[str, QuantizedWeight]
-    config: Any
+    config: MethodConfig
     seconds: float
 
 
-def make_config(method: str, scheme: QuantScheme, **options: Any) -> Any:
+def make_config(method: str, scheme: QuantScheme, **options: Any) -> MethodConfig:
     """The config of `method`; options left as None take the method's defaults."""
     if method not in METHODS:
         raise InvalidQuantConfig(f"unknown method {method!r}", f"use one of {', '.join(METHODS)}")
@@ -57,13 +57,13 @@ def make_config(method: str, scheme: QuantScheme, **options: Any) -> Any:
     return config_type(scheme=scheme, **given)
 
 
-def describe(config: Any) -> dict[str, Any]:
+def describe(config: MethodConfig) -> dict[str, Any]:
     """A config as JSON-ready data, with its type and version, for checkpoints and manifests."""
     body = asdict(config)
     return {"method": config.method, "version": config.version, **body}
 
 
-def quantize(model: PreTrainedModel, config: Any, calibration: torch.Tensor | None = None) -> QuantizedModel:
+def quantize(model: PreTrainedModel, config: MethodConfig, calibration: torch.Tensor | None = None) -> QuantizedModel:
     """Quantize every block Linear of `model` in place with the method `config` names."""
     if config.needs_calibration and calibration is None:
         raise InvalidQuantConfig(f"{config.method} needs calibration tokens", "pass calibration rows")

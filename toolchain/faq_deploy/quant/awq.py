@@ -12,7 +12,7 @@ no more than AWQ: both need every block's statistics, FAQ just reads them ahead.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -23,15 +23,13 @@ from faq_deploy.architectures import Architecture, ScalingGroup, active_groups, 
 from faq_deploy.errors import InvalidQuantConfig
 from faq_deploy.progress import progress
 from faq_deploy.quant.quantizer import QuantizedWeight, grouped, quantize_linear_, quantize_weight
-from faq_deploy.quant.scheme import QuantScheme
+from faq_deploy.quant.scheme import MethodConfig, QuantScheme
 
 
 @dataclass(frozen=True)
-class AwqConfig:
+class AwqConfig(MethodConfig):
     method: ClassVar[str] = "awq"
-    version: ClassVar[int] = 1
     needs_calibration: ClassVar[bool] = True
-    scheme: QuantScheme = field(default_factory=QuantScheme)
     grid: int = 20          # candidate ratios r = 0, 1/grid, …, (grid−1)/grid
     clip: bool = True       # AWQ auto-clip (skips q and k)
     clip_tokens: int = 512  # tokens sampled for the clip search

@@ -29,7 +29,6 @@ SCOPES = ("residual", "all")
 @dataclass(frozen=True)
 class FaqConfig(AwqConfig):
     method: ClassVar[str] = "faq"
-    version: ClassVar[int] = 1
     gamma: float = 0.5              # weight of the future profile; 0 is AWQ exactly
     window: int = 3                 # j: how many future blocks
     window_weights: str = "uniform"  # or "geometric": ω_k ∝ rho^(k−1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -11,15 +11,12 @@ from transformers import PreTrainedModel
 from faq_deploy.architectures import block_linears
 from faq_deploy.progress import progress
 from faq_deploy.quant.quantizer import QuantizedWeight, quantize_linear_
-from faq_deploy.quant.scheme import QuantScheme
+from faq_deploy.quant.scheme import MethodConfig
 
 
 @dataclass(frozen=True)
-class RtnConfig:
+class RtnConfig(MethodConfig):
     method: ClassVar[str] = "rtn"
-    version: ClassVar[int] = 1
-    needs_calibration: ClassVar[bool] = False
-    scheme: QuantScheme = field(default_factory=QuantScheme)
 
 
 def quantize_rtn(model: PreTrainedModel, config: RtnConfig,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from faq_deploy.errors import InvalidQuantConfig
 
@@ -41,3 +42,13 @@ class QuantScheme:
 
     def to_dict(self) -> dict[str, int | bool]:
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's config: frozen, recorded whole (with method and version) in checkpoints."""
+
+    method: ClassVar[str]
+    version: ClassVar[int] = 1
+    needs_calibration: ClassVar[bool] = False
+    scheme: QuantScheme = field(default_factory=QuantScheme)
