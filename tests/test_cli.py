@@ -84,6 +84,9 @@ def test_quantize_then_eval_the_checkpoint(tmp_path: Path, real_cache: Path) -> 
     assert from_checkpoint["method"] == "rtn" and from_checkpoint["tokens"] == 512
     assert from_checkpoint["perplexity"] == on_the_fly["perplexity"]
 
+    twice = invoke("eval", "--model", str(out), "--quantize", "rtn", *args)
+    assert twice.exit_code == 5 and "already a quantized checkpoint" in twice.output
+
 
 def test_model_and_text_listings(real_cache: Path) -> None:
     info = json.loads(invoke("models", "info", "--json").stdout)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from faq_deploy import checkpoint, models
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
+from faq_deploy.errors import InvalidQuantConfig
 from faq_deploy.perplexity import perplexity
 from faq_deploy.quant import QuantizedModel, quantize
 from faq_deploy.quant.scheme import MethodConfig
@@ -67,6 +68,9 @@ def run_eval(model_spec: str | None, config: MethodConfig | None, calibration: C
     """Perplexity of a model (quantized on the fly when `config` is given) or of a checkpoint."""
     start = time.perf_counter()
     if model_spec and checkpoint.is_checkpoint(model_spec):
+        if config is not None:
+            raise InvalidQuantConfig(f"{model_spec} is already a quantized checkpoint",
+                                     "drop --quantize, or pass the float model to quantize it on the fly")
         loaded = checkpoint.load(model_spec)
         name = Path(model_spec).name
         record = loaded.record["quantization"]
@@ -82,4 +86,5 @@ def run_eval(model_spec: str | None, config: MethodConfig | None, calibration: C
     result = perplexity(loaded.model, ids, window)
     return EvalResult(name, method, scheme.get("bits"), scheme.get("group_size"), scheme.get("symmetric"),
                       text, result.tokens, window, round(result.perplexity, 4), round(result.nll, 6),
-                      quant_seconds and round(quant_seconds, 2), round(time.perf_counter() - start, 2))
+                      None if quant_seconds is None else round(quant_seconds, 2),
+                      round(time.perf_counter() - start, 2))

@@ -94,23 +94,25 @@ def _first(output: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], watch: set[str]) -> BlockCapture:
-    """Forward one block, recording the calls and outputs of the `watch` modules."""
+def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], inputs: set[str],
+              outputs: frozenset[str] | set[str] = frozenset()) -> BlockCapture:
+    """Forward one block, recording how the `inputs` modules were called and what the `outputs`
+    modules returned (only what is asked: a kept activation is megabytes per module)."""
     calls: dict[str, tuple[tuple, dict]] = {}
-    outputs: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}
     handles = []
-    for name in watch:
-        module = block.get_submodule(name)
-        handles.append(module.register_forward_pre_hook(
+    for name in inputs:
+        handles.append(block.get_submodule(name).register_forward_pre_hook(
             lambda _m, a, k, name=name: calls.__setitem__(name, (a, k)), with_kwargs=True))
-        handles.append(module.register_forward_hook(
-            lambda _m, _a, out, name=name: outputs.__setitem__(name, _first(out))))
+    for name in outputs:
+        handles.append(block.get_submodule(name).register_forward_hook(
+            lambda _m, _a, out, name=name: kept.__setitem__(name, _first(out))))
     try:
         block_out = _first(block(x, **kwargs))
     finally:
         for handle in handles:
             handle.remove()
-    return BlockCapture(calls, outputs, block_out)
+    return BlockCapture(calls, kept, block_out)
 
 
 def channel_mean_abs(x: torch.Tensor) -> torch.Tensor:
@@ -134,28 +136,27 @@ def candidate_scales(a: torch.Tensor, w_bar: torch.Tensor, ratio: float) -> torc
 
 @torch.no_grad()
 def search_scale(block: nn.Module, group: ScalingGroup, capture: BlockCapture, a: torch.Tensor,
-                 scheme: QuantScheme, grid: int) -> tuple[torch.Tensor, float]:
-    """The s of the best ratio on the unmodified block, and that ratio."""
+                 scheme: QuantScheme, grid: int) -> torch.Tensor:
+    """The s of the best ratio r on the unmodified block."""
     balance = [block.get_submodule(name) for name in group.balance]
     originals = [linear.weight.detach().clone() for linear in balance]
     w_bar = weight_profile(originals, scheme.group_size)
     args, kwargs = capture.calls[group.inspect]
     inspect = block.get_submodule(group.inspect)
     target = capture.outputs[group.inspect]
-    best: tuple[float, float, torch.Tensor] = (float("inf"), 0.0, torch.ones_like(a))
+    best_loss, best = float("inf"), torch.ones_like(a)
     try:
         for step in range(grid):
-            ratio = step / grid
-            s = candidate_scales(a, w_bar, ratio)
+            s = candidate_scales(a, w_bar, step / grid)
             for linear, w in zip(balance, originals, strict=True):
                 linear.weight.copy_(quantize_weight(w * s, scheme).dequantize() / s)
             loss = (_first(inspect(*args, **kwargs)) - target).float().pow(2).mean().item()
-            if loss < best[0]:
-                best = (loss, ratio, s)
+            if loss < best_loss:
+                best_loss, best = loss, s
     finally:
         for linear, w in zip(balance, originals, strict=True):
             linear.weight.copy_(w)
-    return best[2], best[1]
+    return best
 
 
 @torch.no_grad()
@@ -247,13 +248,13 @@ def quantize_awq(model: PreTrainedModel, config: AwqConfig, calibration: torch.T
     arch = architecture_of(model)
     blocks = model.get_submodule(arch.blocks)
     x, kwargs = block_inputs(model, blocks, calibration[: config.search_rows])
-    watch = set(arch.linears) | {g.inspect for g in arch.groups}
+    inspected = {g.inspect for g in arch.groups}
     weights: dict[str, QuantizedWeight] = {}
     for index in progress(range(len(blocks)), f"{config.method} blocks", "block"):
         block = blocks[index]
         groups = active_groups(arch, block)
-        fp = run_block(block, x, kwargs, watch)
-        scales = [search_scale(block, g, fp, stats_hook(stats, index, g), config.scheme, config.grid)[0]
+        fp = run_block(block, x, kwargs, set(arch.linears) | inspected, inspected)
+        scales = [search_scale(block, g, fp, stats_hook(stats, index, g), config.scheme, config.grid)
                   for g in groups]
         for group, s in zip(groups, scales, strict=True):
             apply_scale(block, group, s)
