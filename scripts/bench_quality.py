@@ -3,6 +3,8 @@
 Every run is one `faq-deploy eval --json` process (same calibration and evaluation tokens for
 every method), so its peak RSS is its own. Runs append to results.jsonl and are skipped when
 already there: the full grid is hours of CPU, and an interrupted bench resumes where it stopped.
+Quantization and evaluation run on CUDA when the machine has it; `--jobs N` runs N evals at once
+there (perplexities are unchanged, but times and memory are then not the small board's).
 
     .venv/bin/python scripts/bench_quality.py                 # the full grid
     .venv/bin/python scripts/bench_quality.py --configs w3g32 --seeds 0 --domains in-domain
@@ -17,13 +19,17 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+
+from faq_deploy.quant.faq import FaqConfig
 
 # domain → calibration text; every domain is evaluated on speeches-eval (2000 onward).
 DOMAINS = {"in-domain": "speeches-calib", "narrow": "speeches:1930-1939"}
 METHODS = ("fp", "rtn", "awq", "faq")
 CONFIGS = ("w4g32", "w4g64", "w3g32", "w3g64")
-FAQ_DEPLOY = str(Path(sys.executable).with_name("faq-deploy"))
+FAQ_DEPLOY = [sys.executable, "-m", "faq_deploy"]
 
 
 class ResultLog:
@@ -43,19 +49,22 @@ class ResultLog:
 
 
 def run_args(method: str, config: str, calib: str, seed: int, args: argparse.Namespace) -> list[str]:
-    cmd = [FAQ_DEPLOY, "eval", "--json", "--text", "speeches-eval", "--tokens", str(args.tokens)]
+    cmd = [*FAQ_DEPLOY, "eval", "--json", "--text", "speeches-eval", "--tokens", str(args.tokens)]
     if method != "fp":
         bits, group = config[1:].split("g")  # e.g. w3g32
         cmd += ["--quantize", method, "--bits", bits, "--group", group]
     if method in ("awq", "faq"):
         cmd += ["--calib", calib, "--seed", str(seed), "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+    if method == "faq":
+        cmd += ["--gamma", str(args.gamma), "--window", str(args.window)]
     return cmd
 
 
-def measure(cmd: list[str]) -> dict:
+def measure(cmd: list[str], threads: int | None = None) -> dict:
     """Run one eval; its JSON plus wall time and the process's own peak RSS."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -65,16 +74,30 @@ def measure(cmd: list[str]) -> dict:
             "peak_rss_mb": round(usage.ru_maxrss / 1024)}
 
 
+def run_pending(log: ResultLog, runs: Iterable[tuple[dict, list[str]]], jobs: int) -> None:
+    """Measure every (key, command) not yet in `log`, `jobs` at a time, logging each as it ends."""
+    pending = [(key, cmd) for key, cmd in runs if not log.has(key)]
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(measure, cmd, threads): key for key, cmd in pending}
+        for future in as_completed(futures):
+            row = {**future.result(), **futures[future]}  # the key wins: eval's "window" is its own
+            print(" ".join(f"{k}={v}" for k, v in futures[future].items() if k != "settings"),
+                  f"ppl={row['perplexity']:.4f} quantize_s={row['quant_seconds']}", flush=True)
+            log.add(row)
+
+
 def plan(args: argparse.Namespace) -> list[dict]:
     runs = []
+    # Methods innermost, so that AWQ and FAQ runs alternate and drifts in machine load hit both.
     for domain in args.domains:
         for config in args.configs:
-            for method in args.methods:
-                # fp and RTN see no calibration: one run per config serves every seed and domain
-                seeds = args.seeds if method in ("awq", "faq") else [None]
-                for seed in seeds:
-                    key = {"domain": domain if seed is not None else "any", "config": config if method != "fp"
-                           else "fp", "method": method, "seed": seed}
+            for seed in args.seeds:
+                for method in args.methods:
+                    # fp and RTN see no calibration: one run per config serves every seed and domain
+                    calibrated = method in ("awq", "faq")
+                    key = {"domain": domain if calibrated else "any", "config": config if method != "fp" else "fp",
+                           "method": method, "seed": seed if calibrated else None}
                     if key not in runs:
                         runs.append(key)
     return runs
@@ -143,20 +166,18 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=20480)
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument("--jobs", type=int, default=1, help="evals at once (keep 1 for times and memory)")
+    parser.add_argument("--gamma", type=float, default=FaqConfig.gamma, help="FAQ's gamma (default: shipped)")
+    parser.add_argument("--window", type=int, default=FaqConfig.window, help="FAQ's window (default: shipped)")
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
     log = ResultLog(args.out / "results.jsonl")
-    settings = {"samples": args.samples, "seq_len": args.seq_len, "tokens": args.tokens}
-    for key in plan(args):
-        if log.has({**key, "settings": settings}):
-            continue
-        calib = DOMAINS.get(key["domain"], "speeches-calib")
-        result = {**key, "settings": settings,
-                  **measure(run_args(key["method"], key["config"], calib, key["seed"] or 0, args))}
-        print(f"{key['domain']:<9} {key['config']:<6} {key['method']:<4} seed={key['seed']}: "
-              f"ppl {result['perplexity']:.4f}, quantize {result['quant_seconds']} s", flush=True)
-        log.add(result)
+    settings = {"samples": args.samples, "seq_len": args.seq_len, "tokens": args.tokens,
+                "faq": {"gamma": args.gamma, "window": args.window}}
+    run_pending(log, (({**key, "settings": settings},
+                       run_args(key["method"], key["config"], DOMAINS.get(key["domain"], "speeches-calib"),
+                                key["seed"] or 0, args)) for key in plan(args)), args.jobs)
 
     table = summarize([r for r in log.rows if r["settings"] == settings])
     (args.out / "quality.json").write_text(json.dumps({"settings": settings, "rows": table}, indent=2))

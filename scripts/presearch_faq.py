@@ -14,7 +14,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from bench_quality import FAQ_DEPLOY, ResultLog, measure
+from bench_quality import FAQ_DEPLOY, ResultLog, run_pending
 
 CALIB, HELD_OUT = "speeches:1790-1989", "speeches:1990-1999"
 
@@ -28,35 +28,37 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=20480)
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument("--jobs", type=int, default=1, help="evals at once")
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
     log = ResultLog(args.out / "presearch.jsonl")
+    runs = []
     for seed in args.seeds:
         for window in args.windows:
             for gamma in args.gammas:
+                if gamma == 0 and window != args.windows[0]:
+                    continue  # gamma = 0 is AWQ whatever the window: one run per seed
                 key = {"gamma": gamma, "window": window, "seed": seed, "bits": args.bits, "group": args.group,
                        "tokens": args.tokens}
-                if log.has(key) or (gamma == 0 and window != args.windows[0]):
-                    continue  # gamma = 0 is AWQ whatever the window: one run per seed
-                cmd = [FAQ_DEPLOY, "eval", "--json", "--quantize", "faq", "--bits", str(args.bits),
-                       "--group", str(args.group), "--gamma", str(gamma), "--window", str(window),
-                       "--calib", CALIB, "--seed", str(seed), "--text", HELD_OUT, "--tokens", str(args.tokens)]
-                result = {**key, **measure(cmd)}
-                print(f"gamma={gamma} window={window} seed={seed}: ppl {result['perplexity']:.4f}", flush=True)
-                log.add(result)
+                runs.append((key, [*FAQ_DEPLOY, "eval", "--json", "--quantize", "faq", "--bits", str(args.bits),
+                                   "--group", str(args.group), "--gamma", str(gamma), "--window", str(window),
+                                   "--calib", CALIB, "--seed", str(seed), "--text", HELD_OUT,
+                                   "--tokens", str(args.tokens)]))
+    run_pending(log, runs, args.jobs)
 
     surface: dict[tuple[float, int], list[float]] = {}
     for r in log.rows:
         window = args.windows[0] if r["gamma"] == 0 else r["window"]
         surface.setdefault((r["gamma"], window), []).append(r["perplexity"])
-    rows = sorted(((statistics.mean(v), g, w, len(v)) for (g, w), v in surface.items()))
-    lines = ["| gamma | window | seeds | held-out perplexity (mean) |", "|---|---|---|---|"]
-    lines += [f"| {g} | {w if g else 'any'} | {n} | {m:.4f} |" for m, g, w, n in rows]
+    rows = sorted((statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, g, w, len(v))
+                  for (g, w), v in surface.items())
+    lines = ["| gamma | window | seeds | held-out perplexity (mean ± std) |", "|---|---|---|---|"]
+    lines += [f"| {g} | {w if g else 'any (AWQ)'} | {n} | {m:.4f} ± {sd:.4f} |" for m, sd, g, w, n in rows]
     (args.out / "presearch.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if rows:
-        print(f"best: gamma={rows[0][1]} window={rows[0][2]}")
+        print(f"best: gamma={rows[0][2]} window={rows[0][3]}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import TINY, tiny_calibration, tiny_model
 
-from faq_deploy import models
+from faq_deploy import checkpoint, models
 from faq_deploy.architectures import ARCHITECTURES, active_groups, architecture_of, blocks_of
 from faq_deploy.data import calibration_rows, eval_tokens, load_corpus
 from faq_deploy.perplexity import perplexity
@@ -113,8 +113,9 @@ def test_prepass_statistics_equal_the_models_own_forward(real_cache: Path) -> No
         assert torch.allclose(prepass[key], a, rtol=1e-5, atol=1e-7), key
 
 
-def test_awq_and_faq_beat_rtn_end_to_end(real_cache: Path) -> None:
-    """The whole algorithm on the default model at a small token budget, w3 g32."""
+def test_awq_and_faq_beat_rtn_end_to_end(real_cache: Path, tmp_path: Path) -> None:
+    """The whole algorithm on the default model at a small token budget, w3 g32; the AWQ and FAQ
+    checkpoints read back to the same fake-quantized model (same logits)."""
     results = {}
     for method in ("rtn", "awq", "faq"):
         loaded = models.load(None)
@@ -124,4 +125,9 @@ def test_awq_and_faq_beat_rtn_end_to_end(real_cache: Path) -> None:
         assert len(quantized.weights) == 210
         ids = eval_tokens(tokenizer, load_corpus("speeches-eval"), 2048)
         results[method] = perplexity(loaded.model, ids).perplexity
+        if method != "rtn":
+            reread = checkpoint.load(checkpoint.save(quantized, loaded.tokenizer, loaded.ref, tmp_path / method))
+            with torch.inference_mode():
+                expected = loaded.model(ids[None, :256]).logits
+                assert torch.allclose(reread.model(ids[None, :256]).logits, expected, rtol=1e-5, atol=1e-5)
     assert results["awq"] < results["rtn"] and results["faq"] < results["rtn"], results

@@ -7,10 +7,13 @@ import json
 import platform
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import onnxruntime
 
 from faq_runtime import __version__
+from faq_runtime.bundle import BundleError, verify
+from faq_runtime.generate import Generator, model_folder
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -30,6 +33,20 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    generator = Generator(model_folder(args.bundle), threads=args.threads)
+    stream = (lambda piece: print(piece, end="", flush=True)) if args.stream else None
+    text = generator.generate(args.prompt, args.max_tokens, stream)
+    print("" if args.stream else text)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    bundle = verify(args.bundle)
+    print(f"{args.bundle}: ok, bundle {bundle.id}, {len(bundle.manifest['files'])} files verified")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="faq-run", description="Run faq-deploy bundles on this device.")
     parser.add_argument("--version", action="version", version=f"faq-runtime {__version__}")
@@ -37,8 +54,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = commands.add_parser("info", help="versions, machine and the execution providers onnxruntime lists")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(run=_info)
+    generate = commands.add_parser("generate", help="complete a prompt (greedy) with a bundle or model folder")
+    generate.add_argument("bundle", type=Path, help="bundle folder (verified first) or exported model folder")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-tokens", type=int, default=64, help="new tokens at most (default 64)")
+    generate.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    generate.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                          help="print text as it is generated (default on)")
+    generate.set_defaults(run=_generate)
+    check = commands.add_parser("verify", help="check a bundle's files against its manifest")
+    check.add_argument("bundle", type=Path)
+    check.set_defaults(run=_verify)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BundleError as exc:
+        print(f"error: {exc.cause}\nhint: {exc.hint}", file=sys.stderr)
+        return 12
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

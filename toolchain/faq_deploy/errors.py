@@ -60,11 +60,29 @@ class CheckpointError(FaqDeployError):
     exit_code = 9
 
 
+class TargetError(FaqDeployError):
+    """Bad target: an unknown board name or a build the board cannot run."""
+
+    exit_code = 10
+
+
+class ExportError(FaqDeployError):
+    """Export failed: the ONNX exporter failed or its graph does not match the quantized model."""
+
+    exit_code = 11
+
+
+class BundleInvalid(FaqDeployError):
+    """Bad bundle: missing, altered or unlisted files, paths outside it, or a wrong schema."""
+
+    exit_code = 12
+
+
 EXIT_CODES: dict[int, str] = {
     0: "Success.",
     1: "Internal error: a bug; rerun with FAQ_DEPLOY_DEBUG=1 and report the traceback.",
     2: "Usage error: unknown option or missing argument.",
     **{cls.exit_code: cls.__doc__.strip().splitlines()[0] for cls in (
         ModelNotFound, UnsupportedArchitecture, InvalidQuantConfig, RegistryUnreachable,
-        IntegrityError, TextError, CheckpointError)},
+        IntegrityError, TextError, CheckpointError, TargetError, ExportError, BundleInvalid)},
 }

@@ -10,7 +10,7 @@ from faq_deploy import checkpoint, models
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
 from faq_deploy.errors import InvalidQuantConfig
 from faq_deploy.perplexity import perplexity
-from faq_deploy.quant import QuantizedModel, quantize
+from faq_deploy.quant import QuantizedModel, compute_device, quantize
 from faq_deploy.quant.scheme import MethodConfig
 
 
@@ -41,6 +41,7 @@ class EvalResult:
     nll: float
     quant_seconds: float | None
     seconds: float
+    device: str
 
 
 def _folder_bytes(path: Path) -> int:
@@ -83,8 +84,8 @@ def run_eval(model_spec: str | None, config: MethodConfig | None, calibration: C
         method = config.method if config else "fp"
         scheme = asdict(config.scheme) if config else {}
     ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(text), tokens)
-    result = perplexity(loaded.model, ids, window)
+    result = perplexity(loaded.model.to(compute_device()), ids, window)
     return EvalResult(name, method, scheme.get("bits"), scheme.get("group_size"), scheme.get("symmetric"),
                       text, result.tokens, window, round(result.perplexity, 4), round(result.nll, 6),
                       None if quant_seconds is None else round(quant_seconds, 2),
-                      round(time.perf_counter() - start, 2))
+                      round(time.perf_counter() - start, 2), compute_device().type)

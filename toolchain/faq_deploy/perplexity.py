@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,17 +23,26 @@ class Perplexity:
     window: int
 
 
+Logits = Callable[[torch.Tensor], torch.Tensor]  # token ids [window] → logits [window, vocab]
+
+
+def torch_logits(model: PreTrainedModel) -> Logits:
+    return lambda row: model(row.to(model.device)[None]).logits[0]
+
+
 @torch.inference_mode()
-def perplexity(model: PreTrainedModel, tokens: torch.Tensor, window: int = 1024) -> Perplexity:
-    """exp(mean NLL) over ⌊len(tokens) / window⌋ windows; a trailing remainder is not scored."""
+def perplexity(model: PreTrainedModel | Logits, tokens: torch.Tensor, window: int = 1024) -> Perplexity:
+    """exp(mean NLL) over ⌊len(tokens) / window⌋ windows; a trailing remainder is not scored.
+    `model` is a torch model or any function from token ids to logits (an ONNX session, say)."""
+    logits_of = torch_logits(model) if isinstance(model, PreTrainedModel) else model
     windows = len(tokens) // window
     if windows == 0:
         raise TextError(f"{len(tokens)} tokens do not fill one {window}-token window",
                         "raise --tokens or lower --window")
     total, count = 0.0, 0
     for row in progress(tokens[: windows * window].view(windows, window), "perplexity", "window"):
-        logits = model(row[None]).logits[0, :-1].float()
-        total += F.cross_entropy(logits, row[1:], reduction="sum").item()
+        logits = logits_of(row)[:-1].float()
+        total += F.cross_entropy(logits, row[1:].to(logits.device), reduction="sum").item()
         count += window - 1
     nll = total / count
     return Perplexity(math.exp(nll), nll, windows * window, count, window)

@@ -63,12 +63,17 @@ def describe(config: MethodConfig) -> dict[str, Any]:
     return {"method": config.method, "version": config.version, **body}
 
 
+def compute_device() -> torch.device:
+    """CUDA when there is one: the host-side math is the same, only faster."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def quantize(model: PreTrainedModel, config: MethodConfig, calibration: torch.Tensor | None = None) -> QuantizedModel:
     """Quantize every block Linear of `model` in place with the method `config` names."""
     if config.needs_calibration and calibration is None:
         raise InvalidQuantConfig(f"{config.method} needs calibration tokens", "pass calibration rows")
-    # On CUDA when there is one; the result always lands on the CPU, where export reads it.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # The result always lands on the CPU, where export reads it.
+    device = compute_device()
     start = time.perf_counter()
     model.to(device)
     weights = METHODS[config.method].run(model, config, None if calibration is None else calibration.to(device))

@@ -29,8 +29,9 @@ SCOPES = ("residual", "all")
 @dataclass(frozen=True)
 class FaqConfig(AwqConfig):
     method: ClassVar[str] = "faq"
-    gamma: float = 0.5              # weight of the future profile; 0 is AWQ exactly
-    window: int = 3                 # j: how many future blocks
+    # γ and j: the arg-min of the pre-search on a calibration-domain hold-out (docs/results/presearch.md)
+    gamma: float = 1.0              # weight of the future profile; 0 is AWQ exactly
+    window: int = 1                 # j: how many future blocks
     window_weights: str = "uniform"  # or "geometric": ω_k ∝ rho^(k−1)
     rho: float = 0.5
     scope: str = "residual"         # residual: only groups fed by the residual stream; all: every group

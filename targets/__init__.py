@@ -1,0 +1,1 @@
+"""Board descriptions (one TOML file per board), read by faq_deploy.registry."""

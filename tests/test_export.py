@@ -1,0 +1,159 @@
+"""Export (onnxruntime-genai builder) and bundles, on the real default model and real sessions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from faq_deploy import bundle, checkpoint, models
+from faq_deploy.data import eval_tokens, load_corpus
+from faq_deploy.errors import BundleInvalid, ExportError
+from faq_deploy.export import ExportOptions, check_codes, export_builder
+from faq_deploy.parity import compare, onnx_logits
+from faq_deploy.perplexity import perplexity
+from faq_deploy.quant import make_config, quantize
+from faq_deploy.quant.scheme import QuantScheme
+from faq_runtime.bundle import MANIFEST
+from faq_runtime.model import Decoder
+
+pytestmark = pytest.mark.heavy
+FAQ_DEPLOY = [sys.executable, "-m", "faq_deploy"]
+FAQ_RUN = [sys.executable, "-m", "faq_runtime.cli"]
+
+
+@pytest.fixture(scope="module", params=[4, 3], ids=["w4", "w3"])
+def quantized(request: pytest.FixtureRequest, real_cache: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The default model quantized (RTN, group 32) and its olive checkpoint."""
+    loaded = models.load(None)
+    result = quantize(loaded.model, make_config("rtn", QuantScheme(request.param, 32)))
+    folder = checkpoint.save(result, loaded.tokenizer, loaded.ref, tmp_path_factory.mktemp("ckpt") / "c")
+    return loaded, result, folder
+
+
+@pytest.fixture(scope="module")
+def level0(quantized, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkpoint exported with float activations: the graph that must match torch exactly."""
+    return export_builder(quantized[2], tmp_path_factory.mktemp("onnx") / "model", ExportOptions(accuracy_level=0))
+
+
+@pytest.fixture(scope="module")
+def eval_ids(real_cache: Path) -> torch.Tensor:
+    return eval_tokens(models.load(None).tokenizer.backend_tokenizer, load_corpus("speeches-eval"), 2048)
+
+
+def test_level_0_export_carries_our_codes_and_matches_torch(quantized, level0: Path, eval_ids) -> None:
+    loaded, result, _ = quantized
+    assert check_codes(level0, result.weights) == 210
+    parity = compare(loaded.model, Decoder(level0), eval_ids[:1000])
+    assert parity.max_rel_diff <= 1e-4 and parity.argmax_agreement == 1.0, parity
+
+
+def test_level_4_export_keeps_perplexity_within_one_percent(quantized, eval_ids, tmp_path: Path) -> None:
+    loaded, result, folder = quantized
+    model_dir = export_builder(folder, tmp_path / "model", ExportOptions(accuracy_level=4))
+    decoder = Decoder(model_dir)
+    # int8 activations: ~97% of next tokens agree on this model (see faq_deploy.build.MIN_AGREEMENT)
+    assert compare(loaded.model, decoder, eval_ids[:1000]).argmax_agreement >= 0.95
+    expected = perplexity(loaded.model, eval_ids).perplexity
+    assert abs(perplexity(onnx_logits(decoder), eval_ids).perplexity / expected - 1) < 0.01
+
+
+def test_a_changed_code_is_caught(quantized, level0: Path) -> None:
+    _, result, _ = quantized
+    model_dir = level0
+    weights = dict(result.weights)
+    name = "model.layers.7.mlp.up_proj"
+    codes = weights[name].codes.clone()
+    codes[0, 0] = (codes[0, 0] + 1) % 8
+    weights[name] = type(weights[name])(codes, weights[name].scales, weights[name].zeros, weights[name].scheme)
+    with pytest.raises(ExportError, match="layers.7/mlp/up_proj"):
+        check_codes(model_dir, weights)
+    with pytest.raises(ExportError, match="no MatMulNBits node"):
+        check_codes(model_dir, {**result.weights, "model.layers.99.mlp.up_proj": weights[name]})
+
+
+def test_cached_decoding_equals_one_full_pass(level0: Path, eval_ids) -> None:
+    """Prefill then token-by-token with the KV cache gives the logits of one full forward."""
+    decoder = Decoder(level0)
+    ids = eval_ids[:48].numpy()[None]
+    full = decoder.logits(ids[0].tolist())
+    logits, cache = decoder.forward(ids[:, :32], decoder.empty_cache())
+    steps = [logits[0]]
+    for i in range(32, 48):
+        logits, cache = decoder.forward(ids[:, i:i + 1], cache)
+        steps.append(logits[0])
+    assert np.abs(np.concatenate(steps) - full).max() <= 1e-4 * np.abs(full).max()
+
+
+@pytest.fixture(scope="module")
+def built(real_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """`faq-deploy build --target jetson` end to end (FAQ at a tiny calibration budget)."""
+    out = tmp_path_factory.mktemp("bundles") / "jetson"
+    done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetson", "--samples", "2", "--seq-len", "128",
+                           "--search-rows", "1", "--eval-tokens", "1024", "--out", str(out), "--json"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out, json.loads(done.stdout)
+
+
+def test_build_writes_a_verified_bundle(built: tuple[Path, dict]) -> None:
+    out, result = built
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert result["bundle_id"] == manifest["bundle_id"] and result["target"] == "jetson-orin-nano-8gb"
+    assert manifest["quantization"]["method"] == "faq" and manifest["quantization"]["modules"] == 210
+    assert manifest["quantization"]["calibration"]["samples"] == 2
+    assert manifest["export"]["accuracy_level"] == 4
+    assert {f["path"] for f in manifest["files"]} >= {"model/model.onnx", "model/model.onnx.data",
+                                                      "model/genai_config.json", "model/tokenizer.json", "REPORT.md"}
+    assert result["perplexity_bundle"] < 1.5 * result["perplexity_float"]
+    assert result["bundle_bytes"] < result["float_bytes"] / 2
+    assert result["decode_ceiling_tokens_s"] > 0
+    assert "jetson-orin-nano-8gb" in (out / "REPORT.md").read_text()
+    assert bundle.verify(out).id == result["bundle_id"]
+    inspected = subprocess.run([*FAQ_DEPLOY, "inspect", str(out), "--json"], capture_output=True, text=True)
+    assert json.loads(inspected.stdout)["bundle_id"] == result["bundle_id"]
+
+
+def test_the_runtime_generates_from_the_bundle(built: tuple[Path, dict]) -> None:
+    out, _ = built
+    args = [*FAQ_RUN, "generate", str(out), "--prompt", "The Congress shall", "--max-tokens", "12", "--no-stream"]
+    first = subprocess.run(args, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() and first.stdout == subprocess.run(args, capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: (b / "model" / "tokenizer_config.json").write_text("{}"), "tokenizer_config.json"),
+    (lambda b: (b / "model" / "genai_config.json").unlink(), "missing"),
+    (lambda b: (b / "extra.txt").write_text("x"), "not in the manifest"),
+    (lambda b: _edit_manifest(b, lambda m: m["files"][0].update(path="../outside")), "not a plain path"),
+    (lambda b: _edit_manifest(b, lambda m: m.pop("target")), "'target' is missing"),
+    (lambda b: _edit_manifest(b, lambda m: m.update(schema_version="1")), "must be int"),
+])
+def test_verify_refuses_a_damaged_bundle(built: tuple[Path, dict], tmp_path: Path, damage, message: str) -> None:
+    copy = shutil.copytree(built[0], tmp_path / "b")
+    damage(copy)
+    with pytest.raises(BundleInvalid, match=message):
+        bundle.verify(copy)
+    cli = subprocess.run([*FAQ_DEPLOY, "verify", str(copy)], capture_output=True, text=True)
+    assert cli.returncode == 12 and "error:" in cli.stderr
+    assert subprocess.run([*FAQ_RUN, "verify", str(copy)], capture_output=True, text=True).returncode == 12
+
+
+def _edit_manifest(root: Path, change) -> None:
+    manifest = json.loads((root / MANIFEST).read_text())
+    change(manifest)
+    (root / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_unknown_target_suggests_the_closest(real_cache: Path) -> None:
+    done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetsn"], capture_output=True, text=True)
+    assert done.returncode == 10 and "jetson" in done.stderr
+

@@ -1,0 +1,52 @@
+"""Write a bundle (DESIGN.md §5): model/, REPORT.md and a manifest hashing every file.
+
+Reading and verifying live in faq_runtime.bundle, so host and board run the same checks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from faq_deploy.errors import BundleInvalid
+from faq_runtime import bundle as runtime_bundle
+from faq_runtime.bundle import MANIFEST, MODEL_DIR, SCHEMA_VERSION, Bundle, BundleError, bundle_id, file_record
+
+REPORT = "REPORT.md"
+
+
+def write(out: Path, model_dir: Path, sections: dict[str, Any], report: str) -> Bundle:
+    """Assemble the bundle beside `out` and rename it into place: `out` is complete or untouched.
+    `sections` are the manifest's records (source, quantization, export, target, memory, evaluation)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        shutil.copytree(model_dir, tmp / MODEL_DIR)
+        (tmp / REPORT).write_text(report)
+        files = [file_record(tmp, p) for p in sorted(tmp.rglob("*")) if p.is_file()]
+        manifest = {"schema_version": SCHEMA_VERSION, "bundle_id": bundle_id(files),
+                    "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                    "faq_deploy_version": version("faq-deploy"), **sections, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        verify(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return verify(out, hashes=False)
+
+
+def verify(path: Path, hashes: bool = True) -> Bundle:
+    """faq_runtime's verification, with its failure as this CLI's documented error."""
+    try:
+        return runtime_bundle.verify(Path(path), hashes=hashes)
+    except BundleError as exc:
+        raise BundleInvalid(exc.cause, exc.hint) from None
+

@@ -1,0 +1,97 @@
+"""`faq-deploy build`, `inspect` and `verify`: the deployable bundle and its checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from faq_deploy import bundle
+from faq_deploy.build import run_build
+from faq_deploy.cli.options import emit, json_option, method_option, model_option, quant_options, quant_request
+from faq_deploy.export import ExportOptions
+from faq_deploy.registry import resolve
+
+
+@click.command("build")
+@click.option("--target", "target_name", default=None, metavar="NAME",
+              help="Board name or alias (jetson, x86, …) [default: generic-x86_64].")
+@model_option
+@method_option("faq", "Quantization method.")
+@quant_options
+@click.option("--out", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Bundle folder to write (replaced when the build succeeds) [default: build/<model>-<target>].")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="MatMulNBits activations: 4 = int8 (fast on CPU), 0 = float32 [default: the target's].")
+@click.option("--eval-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
+              help="Held-out tokens (speeches-eval) for perplexity before and after and for parity.")
+@click.option("--context", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Context length the memory estimate assumes.")
+@json_option
+def build_cmd(target_name: str | None, model_spec: str | None, method: str, out: Path | None,
+              accuracy_level: int | None, eval_tokens: int, context: int, as_json: bool, **options: Any) -> None:
+    """Quantize, export to ONNX and pack a verified bundle for a board.
+
+    Stages: load → calibrate and quantize → export with the onnxruntime-genai builder (our integer
+    codes are read back and compared) → parity with the quantized torch model → perplexity of the
+    exported graph → bundle (model/, manifest.json, REPORT.md). Nothing is written at --out unless
+    every stage passes.
+
+    \b
+    Examples:
+      faq-deploy build --target jetson
+      faq-deploy build --target x86 --method awq --bits 3 --group 64 --out build/awq-w3
+    """
+    target = resolve(target_name)
+    config, calibration = quant_request(method, options, (target.build.bits, target.build.group))
+    level = target.build.accuracy_level if accuracy_level is None else accuracy_level
+    export = ExportOptions(provider=target.build.provider, accuracy_level=level)
+    out = out or Path("build") / f"{(model_spec or 'smollm2').split('/')[-1].lower()}-{target.name}"
+    result = run_build(model_spec, config, calibration, target, out, export, eval_tokens, context)
+    if as_json:
+        emit(result, as_json=True)
+        return
+    mb = 1e6
+    click.echo(f"bundle     {result.bundle}  (id {result.bundle_id})")
+    click.echo(f"target     {result.target}")
+    click.echo(f"model      {result.model}: {result.method} w{result.bits} g{result.group}")
+    click.echo(f"size       {result.bundle_bytes / mb:.1f} MB (float model {result.float_bytes / mb:.1f} MB)")
+    click.echo(f"memory     weights {result.weights_bytes / mb:.1f} MB + KV {result.kv_cache_bytes / mb:.1f} MB "
+               f"at {result.context} tokens")
+    if result.decode_ceiling_tokens_s:
+        click.echo(f"ceiling    ≤ {result.decode_ceiling_tokens_s} tokens/s decode (bandwidth ÷ weight bytes)")
+    click.echo(f"perplexity {result.perplexity_float:.4f} float → {result.perplexity_bundle:.4f} bundle "
+               f"({result.eval_tokens} tokens)")
+    click.echo(f"parity     {result.parity['argmax_agreement']:.2%} next-token agreement with the torch model")
+    click.echo(f"time       {sum(result.seconds.values()):.0f} s (" +
+               ", ".join(f"{k.split(' ')[0]} {v:.0f} s" for k, v in result.seconds.items()) + ")")
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@json_option
+def inspect_cmd(path: Path, as_json: bool) -> None:
+    """Show what a bundle holds (its manifest), without checking file hashes."""
+    manifest = bundle.verify(path, hashes=False).manifest
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    q, ev, mem = manifest["quantization"], manifest["evaluation"], manifest["memory"]
+    emit({"bundle_id": manifest["bundle_id"], "created": manifest["created"],
+          "source": manifest["source"]["name"], "target": manifest["target"]["name"],
+          "quantization": f"{q['method']} w{q['scheme']['bits']} g{q['scheme']['group_size']}",
+          "weights_mb": round(mem["weights_bytes"] / 1e6, 1),
+          "perplexity": f"{ev['perplexity_float']} float → {ev['perplexity_bundle']} bundle",
+          "files": len(manifest["files"])}, as_json=False)
+
+
+@click.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@json_option
+def verify_cmd(path: Path, as_json: bool) -> None:
+    """Check a bundle: schema, every file's size and sha256, paths confined, nothing unlisted."""
+    verified = bundle.verify(path)
+    emit({"bundle": str(path), "bundle_id": verified.id, "files": len(verified.manifest["files"]), "ok": True},
+         as_json)

@@ -1,0 +1,32 @@
+"""Parity of an exported graph with the fake-quantized torch model it came from (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from faq_runtime.model import Decoder
+
+
+@dataclass(frozen=True)
+class Parity:
+    tokens: int
+    max_rel_diff: float      # max |onnx − torch| over the logits ÷ max |torch logit|
+    argmax_agreement: float  # fraction of positions whose top token agrees
+
+
+@torch.inference_mode()
+def compare(model: PreTrainedModel, decoder: Decoder, ids: torch.Tensor) -> Parity:
+    """Logits of both on the same tokens (one sequence from an empty cache)."""
+    expected = model(ids[None].to(model.device)).logits[0].float().cpu()
+    actual = torch.from_numpy(decoder.logits(ids.tolist()))
+    diff = (actual - expected).abs().max() / expected.abs().max()
+    agree = (actual.argmax(-1) == expected.argmax(-1)).float().mean()
+    return Parity(len(ids), float(diff), float(agree))
+
+
+def onnx_logits(decoder: Decoder):
+    """A perplexity logits function over an exported graph."""
+    return lambda row: torch.from_numpy(decoder.logits(row.tolist()))
