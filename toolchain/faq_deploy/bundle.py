@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shutil
-import tempfile
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from faq_deploy.errors import BundleInvalid
+from faq_deploy.fetch import staged_dir
 from faq_runtime import bundle as runtime_bundle
 from faq_runtime.bundle import MANIFEST, MODEL_DIR, SCHEMA_VERSION, Bundle, BundleError, bundle_id, file_record
 
@@ -24,9 +23,7 @@ REPORT = "REPORT.md"
 def write(out: Path, model_dir: Path, sections: dict[str, Any], report: str) -> Bundle:
     """Assemble the bundle beside `out` and rename it into place: `out` is complete or untouched.
     `sections` are the manifest's records (source, quantization, export, target, memory, evaluation)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with staged_dir(out) as tmp:
         shutil.copytree(model_dir, tmp / MODEL_DIR)
         (tmp / REPORT).write_text(report)
         files = [file_record(tmp, p) for p in sorted(tmp.rglob("*")) if p.is_file()]
@@ -34,13 +31,8 @@ def write(out: Path, model_dir: Path, sections: dict[str, Any], report: str) -> 
                     "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                     "faq_deploy_version": version("faq-deploy"), **sections, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        verify(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return verify(out, hashes=False)
+        verify(tmp, hashes=False)  # the writer's self-check: schema, paths, sizes, id (hashes are fresh)
+    return Bundle(out, manifest)
 
 
 def verify(path: Path, hashes: bool = True) -> Bundle:

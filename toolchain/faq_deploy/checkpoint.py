@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from transformers.initialization import no_init_weights
 
 from faq_deploy.data import Calibration
 from faq_deploy.errors import CheckpointError
+from faq_deploy.fetch import staged_dir
 from faq_deploy.models import ModelRef
 from faq_deploy.quant import QuantizedModel, describe
 from faq_deploy.quant.packing import MatMulNBitsWeights, from_matmulnbits, to_matmulnbits
@@ -80,9 +79,7 @@ def save(quantized: QuantizedModel, tokenizer: PreTrainedTokenizerBase, source: 
         state.update(_olive_tensors(name, weight))
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with staged_dir(out) as tmp:
         config = model.config.to_dict()
         config["quantization_config"] = {"quant_method": "olive", "bits": scheme.container_bits,
                                          "group_size": scheme.group_size, "overrides": {}}
@@ -96,11 +93,6 @@ def save(quantized: QuantizedModel, tokenizer: PreTrainedTokenizerBase, source: 
                              "sha256": source.sha256},
                   "seconds": round(quantized.seconds, 3)}
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

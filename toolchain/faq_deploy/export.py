@@ -7,12 +7,10 @@ integer codes arrived unchanged and set each node's accuracy level from the targ
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from faq_deploy.errors import ExportError
+from faq_deploy.fetch import staged_dir
 from faq_deploy.quant.packing import MatMulNBitsWeights, to_matmulnbits
 from faq_deploy.quant.quantizer import QuantizedWeight
 
@@ -50,9 +49,7 @@ class ExportOptions:
 
 def export_builder(checkpoint: Path, out: Path, options: ExportOptions) -> Path:
     """Run the builder on `checkpoint` into `out` (replaced atomically)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with staged_dir(out) as tmp:
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(tmp),
                "-p", "int4", "-e", options.provider, "-c", str(tmp / ".cache"),
                "--extra_options", f"accuracy_level={options.accuracy_level}", f"nodes_to_exclude={_FLOAT_NODES}"]
@@ -60,13 +57,8 @@ def export_builder(checkpoint: Path, out: Path, options: ExportOptions) -> Path:
         if done.returncode != 0 or not (tmp / MODEL_FILE).exists():
             last = (done.stderr.strip().splitlines() or ["no model.onnx was written"])[-1]
             raise ExportError(f"the onnxruntime-genai builder failed: {last}",
-                              "run with --exporter dynamo, or report the model's architecture")
+                              "report the model's architecture (the dynamo exporter is not built yet)")
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

