@@ -83,9 +83,9 @@ class Decoder:
                               for name in (self.spec.present_key, self.spec.present_value)]
         logits, *present = self.session.run(names, feeds)
         new_cache = {}
-        for i, layer in enumerate(range(self.spec.layers)):
-            new_cache[self.spec.past_key % layer] = present[2 * i]
-            new_cache[self.spec.past_value % layer] = present[2 * i + 1]
+        for layer in range(self.spec.layers):
+            new_cache[self.spec.past_key % layer] = present[2 * layer]
+            new_cache[self.spec.past_value % layer] = present[2 * layer + 1]
         return logits, new_cache
 
     def logits(self, ids: list[int]) -> np.ndarray:

@@ -20,9 +20,11 @@ from faq_deploy import bundle, checkpoint, models
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
 from faq_deploy.errors import ExportError
 from faq_deploy.export import ExportOptions, check_codes, export_builder
+from faq_deploy.fetch import folder_bytes
+from faq_deploy.jobs import quantize_loaded
 from faq_deploy.parity import Parity, compare, onnx_logits
 from faq_deploy.perplexity import perplexity
-from faq_deploy.quant import describe, quantize
+from faq_deploy.quant import describe
 from faq_deploy.quant.scheme import MethodConfig
 from faq_deploy.registry import Target
 from faq_runtime.model import Decoder
@@ -64,10 +66,6 @@ def _stage(number: int, name: str, seconds: dict[str, float]) -> Iterator[None]:
     seconds[name] = round(time.perf_counter() - start, 2)
 
 
-def _bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibration, target: Target, out: Path,
               export: ExportOptions, n_eval: int, context: int) -> BuildResult:
     seconds: dict[str, float] = {}
@@ -78,8 +76,7 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
         float_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         before = perplexity(loaded.model, ids, window)
     with _stage(2, f"quantize ({config.method})", seconds):
-        rows = calibration.rows(loaded.tokenizer.backend_tokenizer) if config.needs_calibration else None
-        quantized = quantize(loaded.model, config, rows)
+        quantized = quantize_loaded(loaded, config, calibration)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-work-") as work:
         with _stage(3, "export (onnxruntime-genai builder)", seconds):
@@ -97,7 +94,7 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             after = perplexity(onnx_logits(decoder), ids, window)
         with _stage(6, "bundle", seconds):
             spec = decoder.spec
-            weights_bytes = _bytes(model_dir)
+            weights_bytes = folder_bytes(model_dir)
             kv_bytes = 2 * spec.layers * spec.kv_heads * spec.head_size * context * np.dtype(decoder.kv_dtype).itemsize
             bandwidth = target.capability.get("bandwidth_gbs")
             ceiling = round(bandwidth * 1e9 / weights_bytes, 1) if bandwidth else None
@@ -119,7 +116,7 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
                                "perplexity_bundle": result["perplexity_bundle"], "parity": asdict(parity)},
             }
             written = bundle.write(out, model_dir, sections, report(result, target, parity))
-    return BuildResult(bundle=str(out), bundle_id=written.id, bundle_bytes=_bytes(out), seconds=seconds,
+    return BuildResult(bundle=str(out), bundle_id=written.id, bundle_bytes=folder_bytes(out), seconds=seconds,
                        **result)
 
 

@@ -39,6 +39,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def verify_sha256(path: Path, expected: str, refetch: str) -> None:
     """Raise IntegrityError naming the file and both hashes; the bad file is removed so that
     `refetch` (the command to run next) starts clean."""

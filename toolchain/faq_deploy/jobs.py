@@ -9,6 +9,7 @@ from pathlib import Path
 from faq_deploy import checkpoint, models
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
 from faq_deploy.errors import InvalidQuantConfig
+from faq_deploy.fetch import folder_bytes
 from faq_deploy.perplexity import perplexity
 from faq_deploy.quant import QuantizedModel, compute_device, quantize
 from faq_deploy.quant.scheme import MethodConfig
@@ -44,24 +45,20 @@ class EvalResult:
     device: str
 
 
-def _folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def _quantize(loaded: models.LoadedModel, config: MethodConfig, calibration: Calibration) -> QuantizedModel:
+def quantize_loaded(loaded: models.LoadedModel, config: MethodConfig, calibration: Calibration) -> QuantizedModel:
     rows = calibration.rows(loaded.tokenizer.backend_tokenizer) if config.needs_calibration else None
     return quantize(loaded.model, config, rows)
 
 
 def run_quantize(model_spec: str | None, config: MethodConfig, calibration: Calibration, out: str) -> QuantizeResult:
     loaded = models.load(model_spec)
-    quantized = _quantize(loaded, config, calibration)
+    quantized = quantize_loaded(loaded, config, calibration)
     used = calibration if config.needs_calibration else None
     folder = checkpoint.save(quantized, loaded.tokenizer, loaded.ref, out, used)
     scheme = config.scheme
     return QuantizeResult(loaded.ref.name, config.method, scheme.bits, scheme.group_size, scheme.symmetric,
                           len(quantized.weights), round(quantized.seconds, 3), str(folder),
-                          _folder_bytes(folder))
+                          folder_bytes(folder))
 
 
 def run_eval(model_spec: str | None, config: MethodConfig | None, calibration: Calibration, text: str, tokens: int,
@@ -80,7 +77,7 @@ def run_eval(model_spec: str | None, config: MethodConfig | None, calibration: C
     else:
         loaded = models.load(model_spec)
         name = loaded.ref.name
-        quant_seconds = _quantize(loaded, config, calibration).seconds if config is not None else None
+        quant_seconds = quantize_loaded(loaded, config, calibration).seconds if config is not None else None
         method = config.method if config else "fp"
         scheme = asdict(config.scheme) if config else {}
     ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(text), tokens)

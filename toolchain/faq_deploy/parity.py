@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from faq_deploy.perplexity import Logits
 from faq_runtime.model import Decoder
 
 
@@ -27,6 +28,6 @@ def compare(model: PreTrainedModel, decoder: Decoder, ids: torch.Tensor) -> Pari
     return Parity(len(ids), float(diff), float(agree))
 
 
-def onnx_logits(decoder: Decoder):
+def onnx_logits(decoder: Decoder) -> Logits:
     """A perplexity logits function over an exported graph."""
     return lambda row: torch.from_numpy(decoder.logits(row.tolist()))
