@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from faq_deploy import bundle, checkpoint, models
+from faq_deploy import bundle, checkpoint, checks, models
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
 from faq_deploy.errors import ExportError
 from faq_deploy.export import ExportOptions, check_codes, export_builder
@@ -49,8 +49,12 @@ class BuildResult:
     float_bytes: int
     weights_bytes: int
     kv_cache_bytes: int
+    memory_bytes: int            # weights + KV cache at `context` + runtime overhead
     context: int
+    fits_gb: list[float]         # the target's RAM sizes that hold `memory_bytes`, and those that do not
+    too_small_gb: list[float]
     decode_ceiling_tokens_s: float | None
+    warnings: list[str]          # problems --force built past
     perplexity_float: float
     perplexity_bundle: float
     eval_tokens: int
@@ -66,11 +70,22 @@ def _stage(number: int, name: str, seconds: dict[str, float]) -> Iterator[None]:
     seconds[name] = round(time.perf_counter() - start, 2)
 
 
+def _checked(target: Target, config: MethodConfig, footprint: checks.Footprint, force: bool) -> checks.Assessment:
+    assessment = checks.assess(target, config.scheme, footprint)
+    for warning in checks.enforce(assessment, force):
+        print(f"warning: {warning} (--force)", file=sys.stderr)
+    return assessment
+
+
 def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibration, target: Target, out: Path,
-              export: ExportOptions, n_eval: int, context: int) -> BuildResult:
+              export: ExportOptions, n_eval: int, context: int, force: bool = False) -> BuildResult:
+    """Build a bundle of `model_spec` for `target`. The target's checks run on an estimate right after
+    loading (so a build that cannot work stops in seconds) and again on the exported files."""
     seconds: dict[str, float] = {}
+    dtype = target.build.activation_dtype
     with _stage(1, "load model and held-out text", seconds):
         loaded = models.load(model_spec)
+        _checked(target, config, checks.estimate(loaded.model, config.scheme, dtype, context), force)
         ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(EVAL_TEXT), n_eval)
         window = min(1024, len(ids))
         float_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
@@ -94,14 +109,16 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             after = perplexity(onnx_logits(decoder), ids, window)
         with _stage(6, "bundle", seconds):
             spec = decoder.spec
-            weights_bytes = folder_bytes(model_dir)
-            kv_bytes = 2 * spec.layers * spec.kv_heads * spec.head_size * context * np.dtype(decoder.kv_dtype).itemsize
-            bandwidth = target.capability.get("bandwidth_gbs")
-            ceiling = round(bandwidth * 1e9 / weights_bytes, 1) if bandwidth else None
+            footprint = checks.measure(model_dir, spec.layers, spec.kv_heads, spec.head_size,
+                                       np.dtype(decoder.kv_dtype).itemsize, context)
+            fit = _checked(target, config, footprint, force)
             result = dict(
                 target=target.name, model=loaded.ref.name, method=config.method, bits=config.scheme.bits,
-                group=config.scheme.group_size, float_bytes=float_bytes, weights_bytes=weights_bytes,
-                kv_cache_bytes=kv_bytes, context=context, decode_ceiling_tokens_s=ceiling,
+                group=config.scheme.group_size, float_bytes=float_bytes, weights_bytes=footprint.weights_bytes,
+                kv_cache_bytes=footprint.kv_cache_bytes, memory_bytes=footprint.total_bytes, context=context,
+                fits_gb=list(fit.fits_gb), too_small_gb=list(fit.too_small_gb),
+                decode_ceiling_tokens_s=fit.decode_ceiling_tokens_s,
+                warnings=[p.cause for p in fit.problems],
                 perplexity_float=round(before.perplexity, 4), perplexity_bundle=round(after.perplexity, 4),
                 eval_tokens=before.tokens, parity=asdict(parity))
             sections = {
@@ -109,8 +126,12 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
                 "quantization": {**describe(config), "calibration": asdict(used) if used else None,
                                  "modules": modules},
                 "export": {"exporter": "builder", **asdict(export)},
-                "target": target.record(),
-                "memory": {"weights_bytes": weights_bytes, "kv_cache_bytes": kv_bytes, "context": context},
+                "target": {"name": target.name, "description": target.description,
+                           "compatibility": checks.requirements(target, footprint)},
+                "memory": {"weights_bytes": footprint.weights_bytes, "kv_cache_bytes": footprint.kv_cache_bytes,
+                           "overhead_bytes": footprint.overhead_bytes, "total_bytes": footprint.total_bytes,
+                           "context": context, "fits_gb": list(fit.fits_gb),
+                           "decode_ceiling_tokens_s": fit.decode_ceiling_tokens_s},
                 "evaluation": {"text": EVAL_TEXT, "tokens": before.tokens, "window": window,
                                "perplexity_float": result["perplexity_float"],
                                "perplexity_bundle": result["perplexity_bundle"], "parity": asdict(parity)},
@@ -135,6 +156,24 @@ def report(result: dict[str, Any], target: Target, parity: Parity) -> str:
         f"| parity with the quantized torch model | {parity.argmax_agreement:.2%} next-token agreement, "
         f"max relative logit difference {parity.max_rel_diff:.2e} over {parity.tokens} tokens |",
     ]
-    if result["decode_ceiling_tokens_s"]:
-        lines.append(f"| decode ceiling (bandwidth ÷ weight bytes) | {result['decode_ceiling_tokens_s']} tokens/s |")
+    lines += [f"| {key} | {value} |" for key, value in fit_lines(result, target).items()]
     return "\n".join(lines) + "\n"
+
+
+def fit_lines(result: dict[str, Any], target: Target) -> dict[str, str]:
+    """The memory fit and the speed ceiling on the target, worded for the summary and REPORT.md."""
+    lines = {}
+    need = f"{result['memory_bytes'] / 2**30:.2f} GiB at {result['context']} tokens (weights, KV cache, runtime)"
+    if result["fits_gb"] or result["too_small_gb"]:
+        sizes = f"fits {', '.join(f'{gb:g}' for gb in result['fits_gb']) or 'no'} GB"
+        if result["too_small_gb"]:
+            sizes += f", not {', '.join(f'{gb:g}' for gb in result['too_small_gb'])} GB"
+        lines["fit"] = f"{need}: {sizes} {target.name}"
+    else:
+        lines["fit"] = f"{need}: not checked ({target.name} does not state its RAM; the device checks at push)"
+    if result["decode_ceiling_tokens_s"]:
+        lines["ceiling"] = (f"≤ {result['decode_ceiling_tokens_s']} tokens/s decode at full context "
+                            f"({target.capability.bandwidth_gbs:g} GB/s ÷ bytes read per token)")
+    if result["warnings"]:
+        lines["forced past"] = "; ".join(result["warnings"])
+    return lines

@@ -41,10 +41,10 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from faq_deploy.cli import build, evaluate, models, quantize, text
+    from faq_deploy.cli import build, evaluate, models, quantize, targets, text
 
     for command in (models.models, text.text, quantize.quantize_cmd, evaluate.eval_cmd, build.build_cmd,
-                    build.inspect_cmd, build.verify_cmd):
+                    build.inspect_cmd, build.verify_cmd, targets.targets):
         cli.add_command(command)
 
 

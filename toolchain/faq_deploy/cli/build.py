@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 
 from faq_deploy import bundle
-from faq_deploy.build import run_build
-from faq_deploy.cli.options import emit, json_option, method_option, model_option, quant_options, quant_request
+from faq_deploy.build import fit_lines, run_build
+from faq_deploy.cli.options import (emit, json_option, load_targets, method_option, model_option, quant_options,
+                                    quant_request, targets_dir_option)
 from faq_deploy.export import ExportOptions
-from faq_deploy.registry import resolve
 
 
 @click.command("build")
@@ -27,12 +28,20 @@ from faq_deploy.registry import resolve
               help="MatMulNBits activations: 4 = int8 (fast on CPU), 0 = float32 [default: the target's].")
 @click.option("--eval-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
               help="Held-out tokens (speeches-eval) for perplexity before and after and for parity.")
-@click.option("--context", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Context length the memory estimate assumes.")
+@click.option("--context", type=click.IntRange(min=1), default=None,
+              help="Context length the memory fit and speed ceiling assume [default: the target's].")
+@click.option("--force", is_flag=True,
+              help="Build even if the bundle does not fit the target's memory (the device still checks at load).")
+@targets_dir_option
 @json_option
 def build_cmd(target_name: str | None, model_spec: str | None, method: str, out: Path | None,
-              accuracy_level: int | None, eval_tokens: int, context: int, as_json: bool, **options: Any) -> None:
+              accuracy_level: int | None, eval_tokens: int, context: int | None, force: bool,
+              targets_dirs: tuple[Path, ...], as_json: bool, **options: Any) -> None:
     """Quantize, export to ONNX and pack a verified bundle for a board.
+
+    The target (`faq-deploy targets list`) gives the defaults (bits, group, accuracy level, context)
+    and the checks: providers and onnxruntime line, memory fit, decode-speed ceiling. They run on an
+    estimate right after loading, so a build that cannot work stops in seconds.
 
     Stages: load → calibrate and quantize → export with the onnxruntime-genai builder (our integer
     codes are read back and compared) → parity with the quantized torch model → perplexity of the
@@ -44,12 +53,14 @@ def build_cmd(target_name: str | None, model_spec: str | None, method: str, out:
       faq-deploy build --target jetson
       faq-deploy build --target x86 --method awq --bits 3 --group 64 --out build/awq-w3
     """
-    target = resolve(target_name)
+    target = load_targets(targets_dirs).resolve(target_name)
     config, calibration = quant_request(method, options, (target.build.bits, target.build.group))
     level = target.build.accuracy_level if accuracy_level is None else accuracy_level
-    export = ExportOptions(provider=target.build.provider, accuracy_level=level)
+    provider = "cuda" if target.build.providers[:1] == ("CUDA",) else "cpu"
+    export = ExportOptions(provider=provider, accuracy_level=level)
     out = out or Path("build") / f"{(model_spec or 'smollm2').split('/')[-1].lower()}-{target.name}"
-    result = run_build(model_spec, config, calibration, target, out, export, eval_tokens, context)
+    result = run_build(model_spec, config, calibration, target, out, export, eval_tokens,
+                       context or target.build.context, force)
     if as_json:
         emit(result, as_json=True)
         return
@@ -60,8 +71,8 @@ def build_cmd(target_name: str | None, model_spec: str | None, method: str, out:
     click.echo(f"size       {result.bundle_bytes / mb:.1f} MB (float model {result.float_bytes / mb:.1f} MB)")
     click.echo(f"memory     weights {result.weights_bytes / mb:.1f} MB + KV {result.kv_cache_bytes / mb:.1f} MB "
                f"at {result.context} tokens")
-    if result.decode_ceiling_tokens_s:
-        click.echo(f"ceiling    ≤ {result.decode_ceiling_tokens_s} tokens/s decode (bandwidth ÷ weight bytes)")
+    for key, line in fit_lines(asdict(result), target).items():
+        click.echo(f"{key:<10} {line}")
     click.echo(f"perplexity {result.perplexity_float:.4f} float → {result.perplexity_bundle:.4f} bundle "
                f"({result.eval_tokens} tokens)")
     click.echo(f"parity     {result.parity['argmax_agreement']:.2%} next-token agreement with the torch model")

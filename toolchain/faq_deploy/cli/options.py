@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, is_dataclass
+from pathlib import Path
 from typing import Any
 
 import click
 
+from faq_deploy import registry
 from faq_deploy.data import Calibration
 from faq_deploy.quant import METHODS, make_config
 from faq_deploy.quant.faq import SCOPES, WINDOW_WEIGHTS, FaqConfig
 from faq_deploy.quant.scheme import MethodConfig, QuantScheme
+from faq_deploy.registry import ENV_DIRS, Registry
 
 DEFAULT_SCHEME = (4, 32)  # bits, group size
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -31,6 +34,15 @@ model_option = click.option(
     help="Model folder, .gguf file or hub id; default: the embedded SmolLM2-135M-Instruct.")
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+
+targets_dir_option = click.option(
+    "--targets-dir", "targets_dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False),
+    help=f"Folder of target files that add to or override the shipped ones (repeatable; also ${ENV_DIRS}).")
+
+
+def load_targets(targets_dirs: tuple[Path, ...]) -> Registry:
+    """The registry the --targets-dir options and $FAQ_DEPLOY_TARGETS describe."""
+    return registry.load(registry.user_dirs(targets_dirs))
 
 
 def method_option(default: str | None, help: str) -> Decorator:

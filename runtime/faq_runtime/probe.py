@@ -1,0 +1,164 @@
+"""What this device is: the facts deployment decisions need, read with the standard library only.
+
+This one file is also sent over SSH and run with whatever `python3` a board has before anything is
+installed (Jetson Nano's JetPack 4 ships 3.6), so it stays self-contained and 3.6-compatible: no
+imports from faq_runtime, no dataclasses, no postponed annotations.
+
+`--root DIR` reads a recorded board instead of this machine: the same files under DIR, plus
+`.faq-probe/interpreter.json` for what no file holds (Python, onnxruntime). `--record DIR` writes
+such a recording of this machine, which is how test fixtures and bug reports are made.
+
+    python3 -m faq_runtime.probe [--root DIR] [--disk PATH] [--record DIR]
+    python3 probe.py ...            (the same, copied alone to a device)
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+PROBE_VERSION = 1
+INTERPRETER = os.path.join(".faq-probe", "interpreter.json")
+# Every file the probe reads, relative to the root; a recording copies exactly these.
+FILES = {
+    "arch": "proc/sys/kernel/arch",
+    "model": "proc/device-tree/model",
+    "compatible": "proc/device-tree/compatible",
+    "tegra": "etc/nv_tegra_release",
+    "cpuinfo": "proc/cpuinfo",
+    "meminfo": "proc/meminfo",
+}
+
+
+def _read(root, key):
+    try:
+        with open(os.path.join(root, FILES[key]), "rb") as handle:
+            return handle.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def _device_tree(text):
+    """Device-tree strings are NUL-terminated (and NUL-separated for lists)."""
+    return [part for part in (text or "").split("\0") if part.strip()]
+
+
+def _l4t(text):
+    """`# R36 (release), REVISION: 4.3, GCID: ...` → {"major": 36, "revision": "4.3", "release": "36.4.3"}."""
+    if not text or not text.startswith("# R"):
+        return None
+    head = text[3:].split(",")
+    major = head[0].split(" ")[0]
+    revision = ""
+    for part in head[1:]:
+        if part.strip().startswith("REVISION:"):
+            revision = part.split(":", 1)[1].strip()
+    if not major.isdigit():
+        return None
+    return {"major": int(major), "revision": revision, "release": major + "." + revision if revision else major}
+
+
+def _cpu(text):
+    """Cores, the union of feature flags (ARM `Features`, x86 `flags`), ARM core part numbers."""
+    features, parts, names, cores = set(), set(), set(), 0
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "processor":
+            cores += 1
+        elif key in ("Features", "flags"):
+            features.update(value.split())
+        elif key == "CPU part":
+            parts.add(value.lower())
+        elif key == "model name":
+            names.add(value)
+    return {"cores": cores or None, "features": sorted(features), "parts": sorted(parts), "names": sorted(names)}
+
+
+def _memory(text):
+    found = {}
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(":")
+        if key in ("MemTotal", "MemAvailable") and value.strip().endswith("kB"):
+            found[key] = int(value.split()[0]) * 1024
+    return {"total_bytes": found.get("MemTotal"), "available_bytes": found.get("MemAvailable")}
+
+
+def interpreter():
+    """Facts about the Python running this probe and the onnxruntime it can import."""
+    facts = {"machine": platform.machine(), "python": platform.python_version(), "onnxruntime": None}
+    try:
+        import onnxruntime
+        facts["onnxruntime"] = {"version": onnxruntime.__version__,
+                                "providers": list(onnxruntime.get_available_providers())}
+    except Exception:  # not installed, or a broken wheel: either way the device has no usable one
+        pass
+    return facts
+
+
+def probe(root="/", disk=None):
+    """The facts of the machine at `root` (this one when "/"); free disk measured under `disk`."""
+    live = os.path.abspath(root) == "/"
+    if live:
+        runtime = interpreter()
+    else:
+        try:
+            with open(os.path.join(root, INTERPRETER)) as handle:
+                runtime = json.load(handle)
+        except (OSError, ValueError):
+            runtime = {"machine": None, "python": None, "onnxruntime": None}
+    arch = (_read(root, "arch") or "").strip() or runtime.get("machine")
+    model = _device_tree(_read(root, "model"))
+    disk_path = disk or root
+    try:
+        stat = os.statvfs(disk_path)
+        free = stat.f_bavail * stat.f_frsize
+    except OSError:
+        free = None
+    return {
+        "probe_version": PROBE_VERSION,
+        "machine": arch,
+        "model": model[0].strip() if model else None,
+        "compatible": _device_tree(_read(root, "compatible")),
+        "l4t": _l4t(_read(root, "tegra")),
+        "cpu": _cpu(_read(root, "cpuinfo")),
+        "memory": _memory(_read(root, "meminfo")),
+        "python": runtime.get("python"),
+        "onnxruntime": runtime.get("onnxruntime"),
+        "disk": {"path": disk_path, "free_bytes": free},
+    }
+
+
+def record(dest, root="/"):
+    """Copy the files the probe reads (those present) under `dest`, and the interpreter facts."""
+    for relative in FILES.values():
+        source = os.path.join(root, relative)
+        if os.path.isfile(source):
+            target = os.path.join(dest, relative)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(source, "rb") as handle:
+                data = handle.read()  # /proc files report size 0: copy what a read returns
+            with open(target, "wb") as handle:
+                handle.write(data)
+    os.makedirs(os.path.join(dest, ".faq-probe"), exist_ok=True)
+    with open(os.path.join(dest, INTERPRETER), "w") as handle:
+        json.dump(interpreter(), handle, indent=2)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="faq-probe", description="Print this device's facts as JSON.")
+    parser.add_argument("--root", default="/", help="read a recorded board under this folder (default: /)")
+    parser.add_argument("--disk", default=None, help="measure free disk under this path (default: the root)")
+    parser.add_argument("--record", metavar="DIR", help="record this machine's files under DIR instead")
+    args = parser.parse_args(argv)
+    if args.record:
+        record(args.record, args.root)
+        print("recorded " + args.root + " under " + args.record)
+        return 0
+    print(json.dumps(probe(args.root, args.disk), indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Build-time checks of a model and scheme against a target: can the board run it, will it fit, how fast
+can it go at most.
+
+`estimate` predicts the exported graph's footprint from the torch model before any quantization, so a
+build that cannot work fails in seconds; `measure` reads the real one after export. `assess` turns
+either into the fit per RAM size, the decode-speed ceiling and the problems, each with its fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from faq_deploy.architectures import block_linears
+from faq_deploy.errors import TargetError
+from faq_deploy.export import BUILDER_BITS, ONNXRUNTIME_MIN, PYTHON_MIN
+from faq_deploy.fetch import folder_bytes
+from faq_deploy.quant.scheme import QuantScheme
+from faq_deploy.registry import Target
+from faq_runtime.compat import version
+
+GIB = 1 << 30
+# Process memory beyond the weights and KV cache: Python, onnxruntime, the tokenizer, session arenas.
+# Measured: `faq-run generate` (16 tokens) on the default model's bundle peaks at 496 MB RSS, 309 MB
+# more than its 187 MB of weights.
+RUNTIME_OVERHEAD = 320 * 2**20
+_DTYPE_BYTES = {"float32": 4, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Memory a bundle needs on the device at `context` tokens."""
+
+    weights_bytes: int
+    kv_cache_bytes: int
+    context: int
+    overhead_bytes: int = RUNTIME_OVERHEAD
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
+
+
+@dataclass(frozen=True)
+class Problem:
+    cause: str
+    fix: str
+    forceable: bool  # --force may override: the device-side checks still guard the board
+
+
+@dataclass(frozen=True)
+class Assessment:
+    target: str
+    footprint: Footprint
+    fits_gb: tuple[float, ...]          # RAM sizes of the board the bundle fits
+    too_small_gb: tuple[float, ...]     # and those it does not
+    decode_ceiling_tokens_s: float | None  # bandwidth ÷ bytes read per token (weights + full KV cache)
+    problems: tuple[Problem, ...]
+
+
+def _kv_bytes(layers: int, kv_heads: int, head_size: int, context: int, dtype_bytes: int) -> int:
+    return 2 * layers * kv_heads * head_size * context * dtype_bytes
+
+
+def estimate(model: nn.Module, scheme: QuantScheme, activation_dtype: str, context: int) -> Footprint:
+    """The footprint of the builder's graph: packed codes, per-block scales and packed zero points for
+    every block Linear, the rest (embedding, norms, an untied lm_head) as float. Within 2% of the
+    exported size on the default model; the builder shares a tied embedding with lm_head."""
+    act = _DTYPE_BYTES[activation_dtype]
+    bits = scheme.container_bits
+    quantized = 0
+    linears = block_linears(model)
+    for linear in linears.values():
+        n, k = linear.weight.shape
+        blocks = math.ceil(k / scheme.group_size)
+        zero_points = 0 if scheme.symmetric else n * math.ceil(blocks * bits / 8)
+        quantized += n * blocks * scheme.group_size * bits // 8 + n * blocks * act + zero_points
+    covered = {id(linear.weight) for linear in linears.values()}
+    floats = sum(p.numel() for p in model.parameters() if id(p) not in covered)
+    config = model.config
+    head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = _kv_bytes(config.num_hidden_layers, config.num_key_value_heads, head_size, context, act)
+    return Footprint(quantized + floats * act, kv, context)
+
+
+def measure(model_dir: Path, layers: int, kv_heads: int, head_size: int, kv_dtype_bytes: int,
+            context: int) -> Footprint:
+    """The footprint of an exported model folder (its files are the weights the runtime maps)."""
+    return Footprint(folder_bytes(model_dir), _kv_bytes(layers, kv_heads, head_size, context, kv_dtype_bytes),
+                     context)
+
+
+def _software_problems(target: Target, scheme: QuantScheme) -> list[Problem]:
+    build, software = target.build, target.software
+    found = []
+    if build.exporter != "builder":
+        found.append(Problem(f"{target.name} asks for the {build.exporter} exporter, which is not built yet",
+                             "set build.exporter = \"builder\" in a target file of your own (--targets-dir)", False))
+    if scheme.bits not in BUILDER_BITS:
+        found.append(Problem(f"{scheme.bits}-bit weights do not fit the builder's 4-bit MatMulNBits containers",
+                             f"use --bits {' or '.join(map(str, BUILDER_BITS))}", False))
+    first = build.providers[0] if build.providers else "CPU"
+    if first == "TensorRT":
+        found.append(Problem("TensorRT does not run MatMulNBits and the int4 QDQ export is not built yet",
+                             "prefer CUDA or CPU in build.providers", False))
+    if build.activation_dtype == "float16" and first == "CPU":
+        found.append(Problem("float16 activations are for GPU graphs, but the first provider is CPU",
+                             "set build.activation_dtype = \"float32\" or prefer CUDA", False))
+    ceiling = software.onnxruntime_max
+    python = software.python
+    if (ceiling and version(ceiling) < version(ONNXRUNTIME_MIN)) or (python and version(python) < version(PYTHON_MIN)):
+        found.append(Problem(
+            f"{target.name} runs Python {python or '?'}, whose newest onnxruntime is {ceiling or '?'}; bundles need "
+            f"onnxruntime ≥ {ONNXRUNTIME_MIN}, which PyPI ships for Python ≥ {PYTHON_MIN} only",
+            f"install Python {PYTHON_MIN}+ on the board and describe it in a target file of your own "
+            f"(--targets-dir) with its python and onnxruntime_max", False))
+    return found
+
+
+def assess(target: Target, scheme: QuantScheme, footprint: Footprint) -> Assessment:
+    cap = target.capability
+    usable = {gb: (gb - target.software.reserved_gb) * GIB for gb in cap.ram_gb}
+    fits = tuple(gb for gb, room in usable.items() if footprint.total_bytes <= room)
+    too_small = tuple(gb for gb in cap.ram_gb if gb not in fits)
+    problems = _software_problems(target, scheme)
+    if cap.ram_gb and not fits:
+        largest = max(cap.ram_gb)
+        problems.append(Problem(
+            f"needs {footprint.total_bytes / GIB:.2f} GiB at {footprint.context} tokens of context, more than the "
+            f"{usable[largest] / GIB:.2f} GiB a {largest} GB {target.name} leaves free",
+            "use fewer bits, a smaller model or a shorter --context", True))
+    bandwidth = cap.bandwidth_gbs
+    per_token = footprint.weights_bytes + footprint.kv_cache_bytes
+    ceiling = round(bandwidth * 1e9 / per_token, 1) if bandwidth else None
+    return Assessment(target.name, footprint, fits, too_small, ceiling, tuple(problems))
+
+
+def enforce(assessment: Assessment, force: bool) -> list[str]:
+    """Raise TargetError listing the problems that stop the build; return the ones forced past."""
+    blocking = [p for p in assessment.problems if not (force and p.forceable)]
+    if blocking:
+        cause = "; ".join(p.cause for p in blocking)
+        fixes = "; ".join(p.fix for p in blocking)
+        if all(p.forceable for p in blocking):
+            fixes += " (or --force to build anyway)"
+        raise TargetError(f"{assessment.target}: {cause}", fixes)
+    return [p.cause for p in assessment.problems]
+
+
+def requirements(target: Target, footprint: Footprint) -> dict[str, object]:
+    """The manifest's compatibility record: what faq_runtime.compat.check holds a device to."""
+    return {"machine": target.identity.machine, "isa_tier": target.capability.isa_tier,
+            "l4t_major": target.identity.l4t_major, "python_min": PYTHON_MIN, "onnxruntime_min": ONNXRUNTIME_MIN,
+            "memory_bytes": footprint.total_bytes, "providers": list(target.build.providers)}
