@@ -48,8 +48,8 @@ def _judge(target: Target, facts: dict[str, Any]) -> Match:
               f"device-tree model {model!r} names none of {', '.join(ident.model)}" if model
               else "no device-tree model")
     if ident.compatible:
-        found = facts.get("compatible") or []
-        claim(any(c in found for c in ident.compatible), f"compatible {', '.join(c for c in ident.compatible if c in found)}",
+        listed = [c for c in ident.compatible if c in (facts.get("compatible") or [])]
+        claim(bool(listed), f"compatible {', '.join(listed)}",
               f"device-tree compatible lists none of {', '.join(ident.compatible)}")
     if ident.l4t_major is not None:
         l4t = facts.get("l4t")

@@ -153,12 +153,13 @@ def _conforms(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
+    """A type hint in words: "an integer", "a list of strings"."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is tuple:
-        return f"a list of {_type_name(args[0])}s"
+        return f"a list of {_type_name(args[0]).split(' ', 1)[1]}s"
     if args:
         return " or ".join(_type_name(a) for a in args if a is not type(None))
-    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(hint, hint.__name__)
+    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}.get(hint, hint.__name__)
 
 
 def _build(cls: type, data: dict[str, Any], where: str, path: str) -> Any:
@@ -170,7 +171,8 @@ def _build(cls: type, data: dict[str, Any], where: str, path: str) -> Any:
         name = f"{where}{key}"
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
-            raise TargetError(f"{path}: unknown field {name!r}" + (f" (did you mean {where}{close[0]}?)" if close else ""),
+            guess = f" (did you mean {where}{close[0]}?)" if close else ""
+            raise TargetError(f"{path}: unknown field {name!r}{guess}",
                               f"fields of [{where.rstrip('.') or 'top level'}]: {', '.join(fields)}")
         if key in _SECTIONS and not where:
             if not isinstance(value, dict):
@@ -178,7 +180,7 @@ def _build(cls: type, data: dict[str, Any], where: str, path: str) -> Any:
             values[key] = _build(hints[key], value, f"{key}.", path)
             continue
         if not _conforms(value, hints[key]):
-            raise TargetError(f"{path}: {name} = {value!r} has the wrong type: must be a {_type_name(hints[key])}",
+            raise TargetError(f"{path}: {name} = {value!r} has the wrong type: must be {_type_name(hints[key])}",
                               "see targets/README.md for the schema")
         rule = fields[key].metadata.get("rule")
         broken = rule(value) if rule else None

@@ -1,18 +1,16 @@
-"""`faq-deploy build`, `inspect` and `verify`: the deployable bundle and its checks."""
+"""`faq-deploy build`: quantize, export and pack a bundle for a target."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 
-from faq_deploy import bundle
 from faq_deploy.build import fit_lines, run_build
-from faq_deploy.cli.options import (emit, json_option, load_targets, method_option, model_option, quant_options,
-                                    quant_request, targets_dir_option)
+from faq_deploy.cli.options import emit, json_option, load_targets, model_option, targets_dir_option
+from faq_deploy.cli.quant_options import method_option, quant_options, quant_request
 from faq_deploy.export import ExportOptions
 
 
@@ -78,31 +76,3 @@ def build_cmd(target_name: str | None, model_spec: str | None, method: str, out:
     click.echo(f"parity     {result.parity['argmax_agreement']:.2%} next-token agreement with the torch model")
     click.echo(f"time       {sum(result.seconds.values()):.0f} s (" +
                ", ".join(f"{k.split(' ')[0]} {v:.0f} s" for k, v in result.seconds.items()) + ")")
-
-
-@click.command("inspect")
-@click.argument("path", type=click.Path(path_type=Path))
-@json_option
-def inspect_cmd(path: Path, as_json: bool) -> None:
-    """Show what a bundle holds (its manifest), without checking file hashes."""
-    manifest = bundle.verify(path, hashes=False).manifest
-    if as_json:
-        click.echo(json.dumps(manifest, indent=2))
-        return
-    q, ev, mem = manifest["quantization"], manifest["evaluation"], manifest["memory"]
-    emit({"bundle_id": manifest["bundle_id"], "created": manifest["created"],
-          "source": manifest["source"]["name"], "target": manifest["target"]["name"],
-          "quantization": f"{q['method']} w{q['scheme']['bits']} g{q['scheme']['group_size']}",
-          "weights_mb": round(mem["weights_bytes"] / 1e6, 1),
-          "perplexity": f"{ev['perplexity_float']} float → {ev['perplexity_bundle']} bundle",
-          "files": len(manifest["files"])}, as_json=False)
-
-
-@click.command("verify")
-@click.argument("path", type=click.Path(path_type=Path))
-@json_option
-def verify_cmd(path: Path, as_json: bool) -> None:
-    """Check a bundle: schema, every file's size and sha256, paths confined, nothing unlisted."""
-    verified = bundle.verify(path)
-    emit({"bundle": str(path), "bundle_id": verified.id, "files": len(verified.manifest["files"]), "ok": True},
-         as_json)

@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from faq_deploy.cli.options import emit, json_option, model_option, quant_options, quant_request, table
+from faq_deploy.cli.options import emit, json_option, model_option, table
+from faq_deploy.cli.quant_options import quant_options, quant_request
 from faq_deploy.data import Calibration
 from faq_deploy.jobs import run_eval
 from faq_deploy.quant import METHODS

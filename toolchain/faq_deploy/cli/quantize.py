@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from faq_deploy.cli.options import emit, json_option, method_option, model_option, quant_options, quant_request
+from faq_deploy.cli.options import emit, json_option, model_option
+from faq_deploy.cli.quant_options import method_option, quant_options, quant_request
 from faq_deploy.jobs import run_quantize
 
 

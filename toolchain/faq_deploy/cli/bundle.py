@@ -1,0 +1,39 @@
+"""`faq-deploy inspect` and `verify`: read and check a bundle (no torch needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from faq_deploy import bundle
+from faq_deploy.cli.options import emit, json_option
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@json_option
+def inspect_cmd(path: Path, as_json: bool) -> None:
+    """Show what a bundle holds (its manifest), without checking file hashes."""
+    manifest = bundle.verify(path, hashes=False).manifest
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    q, ev, mem = manifest["quantization"], manifest["evaluation"], manifest["memory"]
+    emit({"bundle_id": manifest["bundle_id"], "created": manifest["created"],
+          "source": manifest["source"]["name"], "target": manifest["target"]["name"],
+          "quantization": f"{q['method']} w{q['scheme']['bits']} g{q['scheme']['group_size']}",
+          "weights_mb": round(mem["weights_bytes"] / 1e6, 1),
+          "perplexity": f"{ev['perplexity_float']} float → {ev['perplexity_bundle']} bundle",
+          "files": len(manifest["files"])}, as_json=False)
+
+
+@click.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@json_option
+def verify_cmd(path: Path, as_json: bool) -> None:
+    """Check a bundle: schema, every file's size and sha256, paths confined, nothing unlisted."""
+    verified = bundle.verify(path)
+    emit({"bundle": str(path), "bundle_id": verified.id, "files": len(verified.manifest["files"]), "ok": True},
+         as_json)

@@ -1,0 +1,72 @@
+"""The quantization options of quantize, eval and build, declared once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from faq_deploy.data import Calibration
+from faq_deploy.quant import METHODS, make_config
+from faq_deploy.quant.faq import SCOPES, WINDOW_WEIGHTS, FaqConfig
+from faq_deploy.quant.scheme import MethodConfig, QuantScheme
+
+DEFAULT_SCHEME = (4, 32)  # bits, group size
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _stack(*decorators: Decorator) -> Decorator:
+    def apply(func: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+    return apply
+
+
+def method_option(default: str | None, help: str) -> Decorator:
+    return click.option("--method", "method", type=click.Choice(sorted(METHODS)), default=default,
+                        show_default=True, help=help)
+
+
+# Method knobs default to None, meaning "the method's own default" (see quant/awq.py, quant/faq.py).
+quant_options = _stack(
+    click.option("--bits", type=int, default=None,
+                 help=f"Bits per weight: 2, 3, 4 or 8 [default: {DEFAULT_SCHEME[0]}, or the target's for build]."),
+    click.option("--group", "group_size", type=int, default=None,
+                 help=f"Input channels per quantization group, a power of two ≥ 16 [default: {DEFAULT_SCHEME[1]}, "
+                      "or the target's for build]."),
+    click.option("--symmetric", is_flag=True, help="Symmetric codes instead of an integer zero point."),
+    click.option("--calib", "calib_text", default="speeches-calib", show_default=True, metavar="TEXT",
+                 help="awq/faq: calibration text (same forms as --text)."),
+    click.option("--samples", type=click.IntRange(min=1), default=32, show_default=True,
+                 help="awq/faq: calibration rows."),
+    click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True,
+                 help="awq/faq: tokens per calibration row."),
+    click.option("--seed", type=int, default=0, show_default=True, help="awq/faq: calibration sampling seed."),
+    click.option("--search-rows", type=int, default=None,
+                 help=f"awq/faq: rows the scale search scores candidates on [default: {FaqConfig.search_rows}]."),
+    click.option("--clip/--no-clip", default=None, help="awq/faq: AWQ auto-clip [default: on]."),
+    click.option("--gamma", type=float, default=None,
+                 help=f"faq: weight of the future profile, 0 = AWQ [default: {FaqConfig.gamma}, pre-searched]."),
+    click.option("--window", type=int, default=None,
+                 help=f"faq: future blocks previewed [default: {FaqConfig.window}, pre-searched]."),
+    click.option("--window-weights", type=click.Choice(WINDOW_WEIGHTS), default=None,
+                 help=f"faq: weights over the window [default: {FaqConfig.window_weights}]."),
+    click.option("--rho", type=float, default=None,
+                 help=f"faq: ratio of geometric window weights [default: {FaqConfig.rho}]."),
+    click.option("--scope", type=click.Choice(SCOPES), default=None,
+                 help=f"faq: residual (groups fed by the residual stream) or all [default: {FaqConfig.scope}]."),
+)
+
+
+def quant_request(method: str, options: dict[str, Any],
+                  defaults: tuple[int, int] = DEFAULT_SCHEME) -> tuple[MethodConfig, Calibration]:
+    """The method config and calibration the quant_options describe; `defaults` (bits, group) fill
+    what the user left out."""
+    bits, group = options.pop("bits"), options.pop("group_size")
+    scheme = QuantScheme(bits=defaults[0] if bits is None else bits, group_size=defaults[1] if group is None else group,
+                         symmetric=options.pop("symmetric"))
+    calibration = Calibration(options.pop("calib_text"), options.pop("samples"), options.pop("seq_len"),
+                              options.pop("seed"))
+    return make_config(method, scheme, **options), calibration
