@@ -102,6 +102,7 @@ class Software:
     l4t: str | None = _rule(_version, None)
     cuda: str | None = _rule(_version, None)
     python: str | None = _rule(_version, None)            # the system Python a bundle's wheels target
+    glibc: str | None = _rule(_version, None)             # picks the manylinux wheels that install
     onnxruntime_max: str | None = _rule(_version, None)   # newest PyPI wheel for that Python and glibc
     reserved_gb: float = _rule(_positive, 1.0)            # firmware carve-outs and a headless OS
 
