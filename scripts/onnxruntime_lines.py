@@ -36,7 +36,7 @@ try:
     s.run(["logits"], feeds)
     print(json.dumps({"runs": True}))
 except Exception as exc:
-    print(json.dumps({"runs": False, "error": str(exc).strip().splitlines()[-1][-300:]}))
+    print(json.dumps({"runs": False, "error": str(exc).strip().splitlines()[-1][-160:]}))
 """
 
 
@@ -93,7 +93,8 @@ def main() -> None:
              f"{' '.join(args.versions)}`", "", "## Newest wheel per target (PyPI)", "",
              "| target | Python | glibc | newest onnxruntime | target file says |", "|---|---|---|---|---|"]
     lines += [f"| {r['target']} | {r['python']} | {r['glibc']} | {r['newest_wheel']} | "
-              f"{r['file_says'] or '(no ceiling)'}{'' if r['agrees'] else ' **differs**'} |" for r in result["ceilings"]]
+              f"{r['file_says'] or '(no ceiling)'}{'' if r['agrees'] else ' **differs**'} |"
+              for r in result["ceilings"]]
     lines += ["", "## Oldest onnxruntime that runs the builder's graph (one token, CPU)", "",
               "| onnxruntime | runs | error |", "|---|---|---|"]
     lines += [f"| {r['onnxruntime']} | {'yes' if r['runs'] else 'no'} | {r.get('error', '')} |"

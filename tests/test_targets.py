@@ -21,8 +21,7 @@ from faq_runtime import compat, probe
 FAQ_DEPLOY = [sys.executable, "-m", "faq_deploy"]
 BOARDS = Path(__file__).parent / "fixtures" / "boards"
 SHIPPED = Path(__file__).resolve().parents[1] / "targets"
-# Recorded boards → the target each must be detected as. x86-host is this CI machine, recorded with
-# `python -m faq_runtime.probe --record`.
+# Probe roots → the target each must be detected as (fixtures/boards/README.md says where they come from).
 DETECTED = {
     "orin-nano-jp6": "jetson-orin-nano-8gb",
     "xavier-nx-jp5": "jetson-xavier-nx",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnxruntime
 
-from faq_runtime import __version__
+from faq_runtime import __version__, probe
 from faq_runtime.bundle import BundleError, verify
 from faq_runtime.generate import Generator, model_folder
 
@@ -41,6 +41,11 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    print(json.dumps(probe.probe(args.root, args.disk), indent=2, sort_keys=True))
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     bundle = verify(args.bundle)
     print(f"{args.bundle}: ok, bundle {bundle.id}, {len(bundle.manifest['files'])} files verified")
@@ -65,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = commands.add_parser("verify", help="check a bundle's files against its manifest")
     check.add_argument("bundle", type=Path)
     check.set_defaults(run=_verify)
+    facts = commands.add_parser("probe", help="this device's facts as JSON (what deploys check bundles against)")
+    facts.add_argument("--root", default="/", help="read a recorded board under this folder (default: /)")
+    facts.add_argument("--disk", default=None, help="measure free disk under this path (default: the root)")
+    facts.set_defaults(run=_probe)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

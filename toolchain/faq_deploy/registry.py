@@ -136,9 +136,6 @@ class Target:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = ("identity", "capability", "software", "build")
-
-
 def _conforms(value: Any, hint: Any) -> bool:
     """Whether a TOML value fits a field's type hint (str, int, float, tuple[X, ...], X | None)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -175,7 +172,7 @@ def _build(cls: type, data: dict[str, Any], where: str, path: str) -> Any:
             guess = f" (did you mean {where}{close[0]}?)" if close else ""
             raise TargetError(f"{path}: unknown field {name!r}{guess}",
                               f"fields of [{where.rstrip('.') or 'top level'}]: {', '.join(fields)}")
-        if key in _SECTIONS and not where:
+        if dataclasses.is_dataclass(hints[key]):  # a [table]
             if not isinstance(value, dict):
                 raise TargetError(f"{path}: {key} must be a [{key}] table", "see targets/README.md")
             values[key] = _build(hints[key], value, f"{key}.", path)
@@ -190,7 +187,7 @@ def _build(cls: type, data: dict[str, Any], where: str, path: str) -> Any:
         values[key] = tuple(value) if isinstance(value, list) else value
     for name, f in fields.items():
         if name not in values and f.default is dataclasses.MISSING:
-            what = f"table [{name}]" if name in _SECTIONS and not where else f"field {where}{name}"
+            what = f"table [{name}]" if dataclasses.is_dataclass(hints[name]) else f"field {where}{name}"
             raise TargetError(f"{path}: missing required {what}", "see targets/README.md for the schema")
     return cls(**values)
 
