@@ -21,8 +21,8 @@ from pathlib import Path
 
 from faq_deploy import registry
 from faq_deploy.fetch import cache_dir
+from faq_deploy.wheelhouse import manylinux_tags
 
-ARCH = {"aarch64": "aarch64", "x86_64": "x86_64"}
 ONE_TOKEN = """
 import json, sys, numpy as np, onnxruntime as ort
 folder = sys.argv[1]
@@ -42,8 +42,7 @@ except Exception as exc:
 
 def newest_wheel(python: str, glibc: str, machine: str) -> str | None:
     """The newest onnxruntime on PyPI with a wheel for this Python and any manylinux tag up to `glibc`."""
-    minor = int(glibc.split(".")[1])
-    tags = [f"manylinux2014_{ARCH[machine]}"] + [f"manylinux_2_{m}_{ARCH[machine]}" for m in range(17, minor + 1)]
+    tags = manylinux_tags(machine, glibc)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "onnxruntime==0", "--no-deps", "--only-binary", ":all:",
                "--python-version", python, "-d", tmp] + [arg for tag in tags for arg in ("--platform", tag)]

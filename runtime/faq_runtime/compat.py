@@ -103,6 +103,10 @@ def check(needs: dict[str, Any], facts: dict[str, Any]) -> list[Mismatch]:
     if python and version(python) < version(python_min):
         found.append(Mismatch("Python", f">= {python_min}", python,
                               f"install Python {python_min} or newer on the device"))
+    wheels = needs.get("wheels_python")
+    if wheels and python and version(python)[:2] != version(wheels)[:2]:
+        found.append(Mismatch("Python", f"{wheels} (the bundle's wheels)", python,
+                              "build the bundle for this device's target, or without --wheelhouse"))
     runtime = facts.get("onnxruntime")
     ort_min = needs.get("onnxruntime_min")
     if ort_min and runtime and version(runtime["version"]) < version(ort_min):

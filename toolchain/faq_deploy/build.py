@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from faq_deploy import bundle, checkpoint, checks, models
+from faq_deploy import bundle, checkpoint, checks, models, wheelhouse
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
 from faq_deploy.errors import ExportError
 from faq_deploy.export import ExportOptions, check_codes, export_builder
@@ -55,6 +55,7 @@ class BuildResult:
     too_small_gb: list[float]
     decode_ceiling_tokens_s: float | None
     warnings: list[str]          # problems --force built past
+    tar: str | None              # <bundle>.tar when asked for
     perplexity_float: float
     perplexity_bundle: float
     eval_tokens: int
@@ -78,26 +79,31 @@ def _checked(target: Target, config: MethodConfig, footprint: checks.Footprint, 
 
 
 def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibration, target: Target, out: Path,
-              export: ExportOptions, n_eval: int, context: int, force: bool = False) -> BuildResult:
+              export: ExportOptions, n_eval: int, context: int, *, force: bool = False, wheels: bool = False,
+              tar: bool = False) -> BuildResult:
     """Build a bundle of `model_spec` for `target`. The target's checks run on an estimate right after
-    loading (so a build that cannot work stops in seconds) and again on the exported files."""
+    loading (so a build that cannot work stops in seconds) and again on the exported files. `wheels`
+    adds the runtime's wheelhouse for the target (fetched in stage 1, before the long work); `tar` also
+    writes `<out>.tar`."""
     seconds: dict[str, float] = {}
     dtype = target.build.activation_dtype
-    with _stage(1, "load model and held-out text", seconds):
-        loaded = models.load(model_spec)
-        _checked(target, config, checks.estimate(loaded.model, config.scheme, dtype, context), force)
-        ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(EVAL_TEXT), n_eval)
-        window = min(1024, len(ids))
-        float_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-        before = perplexity(loaded.model, ids, window)
-    with _stage(2, f"quantize ({config.method})", seconds):
-        quantized = quantize_loaded(loaded, config, calibration)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-work-") as work:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-work-") as tmp:
+        work = Path(tmp)
+        with _stage(1, "load model and held-out text" + (", download wheels" if wheels else ""), seconds):
+            loaded = models.load(model_spec)
+            _checked(target, config, checks.estimate(loaded.model, config.scheme, dtype, context), force)
+            wheel_line = wheelhouse.download(target, work / "wheels") if wheels else None
+            ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(EVAL_TEXT), n_eval)
+            window = min(1024, len(ids))
+            float_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+            before = perplexity(loaded.model, ids, window)
+        with _stage(2, f"quantize ({config.method})", seconds):
+            quantized = quantize_loaded(loaded, config, calibration)
         with _stage(3, "export (onnxruntime-genai builder)", seconds):
             used = calibration if config.needs_calibration else None
-            ckpt = checkpoint.save(quantized, loaded.tokenizer, loaded.ref, Path(work) / "checkpoint", used)
-            model_dir = export_builder(ckpt, Path(work) / "model", export)
+            ckpt = checkpoint.save(quantized, loaded.tokenizer, loaded.ref, work / "checkpoint", used)
+            model_dir = export_builder(ckpt, work / "model", export)
             modules = check_codes(model_dir, quantized.weights)
         with _stage(4, "parity with the quantized torch model", seconds):
             decoder = Decoder(model_dir)
@@ -127,7 +133,7 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
                                  "modules": modules},
                 "export": {"exporter": "builder", **asdict(export)},
                 "target": {"name": target.name, "description": target.description,
-                           "compatibility": checks.requirements(target, footprint)},
+                           "compatibility": checks.requirements(target, footprint, wheel_line)},
                 "memory": {"weights_bytes": footprint.weights_bytes, "kv_cache_bytes": footprint.kv_cache_bytes,
                            "overhead_bytes": footprint.overhead_bytes, "total_bytes": footprint.total_bytes,
                            "context": context, "fits_gb": list(fit.fits_gb),
@@ -136,9 +142,11 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
                                "perplexity_float": result["perplexity_float"],
                                "perplexity_bundle": result["perplexity_bundle"], "parity": asdict(parity)},
             }
-            written = bundle.write(out, model_dir, sections, report(result, target, parity))
+            written = bundle.write(out, model_dir, sections, report(result, target, parity),
+                                   work / "wheels" if wheels else None)
+            packed = bundle.write_tar(out) if tar else None
     return BuildResult(bundle=str(out), bundle_id=written.id, bundle_bytes=folder_bytes(out), seconds=seconds,
-                       **result)
+                       tar=str(packed) if packed else None, **result)
 
 
 def report(result: dict[str, Any], target: Target, parity: Parity) -> str:

@@ -30,11 +30,15 @@ from faq_deploy.export import ExportOptions
               help="Context length the memory fit and speed ceiling assume [default: the target's].")
 @click.option("--force", is_flag=True,
               help="Build even if the bundle does not fit the target's memory (the device still checks at load).")
+@click.option("--wheelhouse", is_flag=True,
+              help="Add wheels/: faq-runtime and its dependencies for the target's platform and Python, so the "
+                   "board installs offline (pip install --no-index --find-links wheels faq-runtime).")
+@click.option("--tar", is_flag=True, help="Also write <out>.tar of the bundle.")
 @targets_dir_option
 @json_option
 def build_cmd(target_name: str | None, model_spec: str | None, method: str, out: Path | None,
-              accuracy_level: int | None, eval_tokens: int, context: int | None, force: bool,
-              targets_dirs: tuple[Path, ...], as_json: bool, **options: Any) -> None:
+              accuracy_level: int | None, eval_tokens: int, context: int | None, force: bool, wheelhouse: bool,
+              tar: bool, targets_dirs: tuple[Path, ...], as_json: bool, **options: Any) -> None:
     """Quantize, export to ONNX and pack a verified bundle for a board.
 
     The target (`faq-deploy targets list`) gives the defaults (bits, group, accuracy level, context)
@@ -58,12 +62,14 @@ def build_cmd(target_name: str | None, model_spec: str | None, method: str, out:
     export = ExportOptions(provider=provider, accuracy_level=level)
     out = out or Path("build") / f"{(model_spec or 'smollm2').split('/')[-1].lower()}-{target.name}"
     result = run_build(model_spec, config, calibration, target, out, export, eval_tokens,
-                       context or target.build.context, force)
+                       context or target.build.context, force=force, wheels=wheelhouse, tar=tar)
     if as_json:
         emit(result, as_json=True)
         return
     mb = 1e6
     click.echo(f"bundle     {result.bundle}  (id {result.bundle_id})")
+    if result.tar:
+        click.echo(f"tar        {result.tar}")
     click.echo(f"target     {result.target}")
     click.echo(f"model      {result.model}: {result.method} w{result.bits} g{result.group}")
     click.echo(f"size       {result.bundle_bytes / mb:.1f} MB (float model {result.float_bytes / mb:.1f} MB)")
