@@ -14,6 +14,7 @@ import onnxruntime
 from faq_runtime import __version__, probe
 from faq_runtime.bundle import BundleError, verify
 from faq_runtime.generate import Generator, model_folder
+from faq_runtime.selftest import selftest
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -46,6 +47,21 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _selftest(args: argparse.Namespace) -> int:
+    try:
+        facts = selftest(args.bundle, args.tokens, args.threads)
+    except Exception as exc:  # any failure is the verdict: report it, exit non-zero
+        facts = {"ok": False, "error": f"{type(exc).__name__}: {getattr(exc, 'cause', exc)}"}
+    if args.json:
+        print(json.dumps(facts))
+    elif facts["ok"]:
+        print(f"{args.bundle}: ok, {facts['tokens']} tokens at {facts['tokens_per_s']} tokens/s on "
+              f"{facts['providers'][0]}, load {facts['load_s']} s, peak RSS {facts['peak_rss_bytes'] / 1e6:.0f} MB")
+    else:
+        print(f"{args.bundle}: FAILED: {facts['error']}", file=sys.stderr)
+    return 0 if facts["ok"] else 1
+
+
 def _verify(args: argparse.Namespace) -> int:
     bundle = verify(args.bundle)
     print(f"{args.bundle}: ok, bundle {bundle.id}, {len(bundle.manifest['files'])} files verified")
@@ -70,6 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = commands.add_parser("verify", help="check a bundle's files against its manifest")
     check.add_argument("bundle", type=Path)
     check.set_defaults(run=_verify)
+    test = commands.add_parser("selftest", help="verify, load and run a bundle; exit 0 only when it works")
+    test.add_argument("bundle", type=Path)
+    test.add_argument("--tokens", type=int, default=8, help="greedy steps to run and time (default 8)")
+    test.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    test.add_argument("--json", action="store_true", help="print one JSON object")
+    test.set_defaults(run=_selftest)
     facts = commands.add_parser("probe", help="this device's facts as JSON (what deploys check bundles against)")
     facts.add_argument("--root", default="/", help="read a recorded board under this folder (default: /)")
     facts.add_argument("--disk", default=None, help="measure free disk under this path (default: the root)")

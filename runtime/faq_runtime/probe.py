@@ -4,7 +4,7 @@ This one file is also sent over SSH and run with whatever `python3` a board has 
 installed (Jetson Nano's JetPack 4 ships 3.6), so it stays self-contained and 3.6-compatible: no
 imports from faq_runtime, no dataclasses, no postponed annotations.
 
-`--root DIR` reads a recorded board instead of this machine: the same files under DIR, plus
+`--root DIR` (or $FAQ_PROBE_ROOT) reads a recorded board instead of this machine: the same files under DIR, plus
 `.faq-probe/interpreter.json` for what no file holds (Python, onnxruntime). `--record DIR` writes
 such a recording of this machine, which is how test fixtures and bug reports are made.
 
@@ -19,6 +19,9 @@ import platform
 import sys
 
 PROBE_VERSION = 1
+# A recording to answer for this machine, also when run over SSH by a deploy: how a test device
+# (or a support engineer replaying a customer's board) stands in for a real one.
+ROOT_ENV = "FAQ_PROBE_ROOT"
 INTERPRETER = os.path.join(".faq-probe", "interpreter.json")
 # Every file the probe reads, relative to the root; a recording copies exactly these.
 FILES = {
@@ -148,7 +151,8 @@ def record(dest, root="/"):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="faq-probe", description="Print this device's facts as JSON.")
-    parser.add_argument("--root", default="/", help="read a recorded board under this folder (default: /)")
+    parser.add_argument("--root", default=os.environ.get(ROOT_ENV, "/"),
+                        help="read a recorded board under this folder (default: $" + ROOT_ENV + " or /)")
     parser.add_argument("--disk", default=None, help="measure free disk under this path (default: the root)")
     parser.add_argument("--record", metavar="DIR", help="record this machine's files under DIR instead")
     args = parser.parse_args(argv)

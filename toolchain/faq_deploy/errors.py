@@ -78,11 +78,69 @@ class BundleInvalid(FaqDeployError):
     exit_code = 12
 
 
+class HostKeyError(FaqDeployError):
+    """Host key refused: the device's SSH host key is unknown, changed or revoked."""
+
+    exit_code = 13
+
+
+class ConnectionFailed(FaqDeployError):
+    """Link failed: the device could not be reached, or the link dropped or stalled mid-way."""
+
+    exit_code = 14
+
+
+class AuthenticationFailed(FaqDeployError):
+    """Authentication failed: no key from the agent or the identity files was accepted."""
+
+    exit_code = 15
+
+
+class DeviceMismatch(FaqDeployError):
+    """Wrong device: its architecture, CPU, JetPack, Python or memory cannot run the bundle."""
+
+    exit_code = 16
+
+
+class DiskFull(FaqDeployError):
+    """Not enough disk on the device, found before the upload or during it."""
+
+    exit_code = 17
+
+
+class TransferFailed(FaqDeployError):
+    """Transfer failed: files kept arriving damaged, or a device command failed."""
+
+    exit_code = 18
+
+
+class SelfTestFailed(FaqDeployError):
+    """Self-test failed: the bundle did not run on the device; `current` was not changed."""
+
+    exit_code = 19
+
+
+class HealthCheckFailed(FaqDeployError):
+    """Health check failed after the switch: the device was rolled back to the previous bundle."""
+
+    exit_code = 20
+
+
+class DeviceBusy(FaqDeployError):
+    """Device busy: another push held the device's lock for longer than --lock-wait."""
+
+    exit_code = 21
+
+
+class FleetFailed(FaqDeployError):
+    """Several hosts failed, for different reasons: see the per-host table."""
+
+    exit_code = 22
+
+
 EXIT_CODES: dict[int, str] = {
     0: "Success.",
     1: "Internal error: a bug; rerun with FAQ_DEPLOY_DEBUG=1 and report the traceback.",
     2: "Usage error: unknown option or missing argument.",
-    **{cls.exit_code: cls.__doc__.strip().splitlines()[0] for cls in (
-        ModelNotFound, UnsupportedArchitecture, InvalidQuantConfig, RegistryUnreachable,
-        IntegrityError, TextError, CheckpointError, TargetError, ExportError, BundleInvalid)},
+    **{cls.exit_code: cls.__doc__.strip().splitlines()[0] for cls in FaqDeployError.__subclasses__()},
 }
