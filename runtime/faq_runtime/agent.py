@@ -267,20 +267,23 @@ def verify(args):
 
 
 def install(args):
-    """A venv with faq-runtime from the bundle's wheelhouse, offline; one per runtime and Python version."""
+    """A venv with faq-runtime from the bundle's wheelhouse, offline; one per runtime and Python version.
+    pip runs from its own wheel in the wheelhouse, so boards without ensurepip (python3-venv) work."""
     wheels = _path(args.root, "bundles", args.id, "wheels")
-    runtime = [n for n in _listdir(wheels) if n.startswith("faq_runtime-") and n.endswith(".whl")]
-    if not runtime:
-        return _emit({"runtime": None, "reason": "the bundle has no wheelhouse"})
+    names = _listdir(wheels)
+    runtime = [n for n in names if n.startswith("faq_runtime-") and n.endswith(".whl")]
+    pip = [n for n in names if n.startswith("pip-") and n.endswith(".whl")]
+    if not runtime or not pip:
+        return _emit({"runtime": None, "reason": "the bundle's wheelhouse lacks faq-runtime or pip: rebuild it"})
     name = "faq-runtime-%s-py%d.%d" % (runtime[0].split("-")[1], sys.version_info[0], sys.version_info[1])
     venv = _path(args.root, "runtime", name)
     executable = _path(venv, "bin", "faq-run")
     if os.path.exists(_path(venv, ".complete")):
         return _emit({"runtime": executable, "installed": False})
     shutil.rmtree(venv, ignore_errors=True)  # an install that was cut off: start over
-    steps = [[sys.executable, "-m", "venv", venv],
-             [_path(venv, "bin", "python"), "-m", "pip", "install", "-q", "--no-index", "--find-links", wheels,
-              "--disable-pip-version-check", "faq-runtime"]]
+    steps = [[sys.executable, "-m", "venv", "--without-pip", venv],
+             [_path(venv, "bin", "python"), _path(wheels, pip[0], "pip"), "install", "-q", "--no-index",
+              "--find-links", wheels, "--disable-pip-version-check", "faq-runtime"]]
     for step in steps:
         done = subprocess.run(step, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
         if done.returncode != 0:

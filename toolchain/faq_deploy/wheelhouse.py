@@ -41,8 +41,9 @@ def line_of(target: Target) -> tuple[str, str]:
 
 
 def download(target: Target, dest: Path) -> dict[str, str]:
-    """Fill `dest` with faq-runtime's wheel and binary wheels of its dependencies for `target`;
-    returns the line they are for (machine, python, glibc)."""
+    """Fill `dest` with faq-runtime's wheel, binary wheels of its dependencies for `target`, and pip's
+    (the device runs pip from its wheel: Debian and Ubuntu boards often lack ensurepip, i.e.
+    python3-venv); returns the line they are for (machine, python, glibc)."""
     if not (RUNTIME_SOURCE / "pyproject.toml").exists():
         raise TargetError("--wheelhouse builds faq-runtime from runtime/, which this installation lacks",
                           "run faq-deploy from a source checkout (pip install -e .)")
@@ -58,7 +59,7 @@ def download(target: Target, dest: Path) -> dict[str, str]:
     platforms = [arg for tag in manylinux_tags(target.identity.machine, glibc) for arg in ("--platform", tag)]
     fetched = subprocess.run([*pip, "download", "-q", "-d", str(dest), "--find-links", str(dest),
                               "--only-binary", ":all:", "--implementation", "cp", "--python-version", python,
-                              *platforms, "faq-runtime", f"onnxruntime>={ONNXRUNTIME_MIN}{ceiling}"],
+                              *platforms, "faq-runtime", f"onnxruntime>={ONNXRUNTIME_MIN}{ceiling}", "pip"],
                              capture_output=True, text=True)
     if fetched.returncode != 0:
         last = (fetched.stderr.strip().splitlines() or ["pip failed"])[-1]

@@ -21,7 +21,9 @@ _EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in 
 _COMMANDS = {
     "models": "models:models", "text": "text:text", "quantize": "quantize:quantize_cmd",
     "eval": "evaluate:eval_cmd", "build": "build:build_cmd", "inspect": "bundle:inspect_cmd",
-    "verify": "bundle:verify_cmd", "targets": "targets:targets",
+    "verify": "bundle:verify_cmd", "targets": "targets:targets", "push": "push:push_cmd",
+    "status": "push:status_cmd", "rollback": "push:rollback_cmd", "gc": "push:gc_cmd", "logs": "push:logs_cmd",
+    "trust": "push:trust_cmd",
 }
 
 

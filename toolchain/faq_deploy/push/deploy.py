@@ -16,11 +16,9 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from faq_deploy.errors import (
-    BundleInvalid,
     ConnectionFailed,
     DeviceMismatch,
     DiskFull,
@@ -35,7 +33,7 @@ from faq_deploy.push.connection import connect, handshake, refuse, through_jumps
 from faq_deploy.push.device import DEFAULT_ROOT, Device
 from faq_deploy.push.sshconfig import HostConfig
 from faq_runtime import compat
-from faq_runtime.bundle import MANIFEST, Bundle, BundleError, verify
+from faq_runtime.bundle import MANIFEST, Bundle
 
 RESEND_ROUNDS = 2
 # Free space kept beyond the bundle: file-system slack, deploy.log and state.json growth.
@@ -77,13 +75,6 @@ Say = Callable[[str], None]
 
 def owner() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}"
-
-
-def open_bundle(path: Path) -> Bundle:
-    try:
-        return verify(path)
-    except BundleError as exc:
-        raise BundleInvalid(f"{path}: {exc.cause}", exc.hint) from None
 
 
 def push(bundle: Bundle, host: HostConfig, options: PushOptions, say: Say = lambda s: None,
