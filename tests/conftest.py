@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sshd import Sshd
 
 from faq_deploy import data, models
 from faq_deploy.fetch import cache_dir
+
+FAQ_DEPLOY = [sys.executable, "-m", "faq_deploy"]
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +52,21 @@ def offline_pip(monkeypatch: pytest.MonkeyPatch) -> None:
 def copy_tree(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def x86_bundle(real_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real bundle for this machine (RTN, default target x86) with its wheelhouse and tar."""
+    out = tmp_path_factory.mktemp("wheelhouse") / "x86"
+    done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "x86", "--method", "rtn", "--eval-tokens", "256",
+                           "--wheelhouse", "--tar", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """A real OpenSSH server on 127.0.0.1 for the whole session (key-only login)."""
+    server = Sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()

@@ -13,6 +13,7 @@ import venv
 from pathlib import Path
 
 import pytest
+from conftest import FAQ_DEPLOY
 
 from faq_deploy import registry, wheelhouse
 from faq_deploy.export import ONNXRUNTIME_MIN
@@ -20,17 +21,7 @@ from faq_runtime import compat
 from faq_runtime.bundle import MANIFEST
 
 pytestmark = pytest.mark.heavy
-FAQ_DEPLOY = [sys.executable, "-m", "faq_deploy"]
 BOARDS = Path(__file__).parent / "fixtures" / "boards"
-
-
-@pytest.fixture(scope="module")
-def x86_bundle(real_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheelhouse") / "x86"
-    done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "x86", "--method", "rtn", "--eval-tokens", "256",
-                           "--wheelhouse", "--tar", "--out", str(out)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return out
 
 
 def test_the_runtime_installs_offline_from_the_bundle_and_runs_it(x86_bundle: Path, tmp_path: Path) -> None:

@@ -171,15 +171,16 @@ def _receive(bundle: Bundle, device: Device, options: PushOptions, state: dict[s
     manifest = (bundle.root / MANIFEST).read_bytes()
     sizes = {f["path"]: f["size"] for f in bundle.manifest["files"]}
     staging = device.path("staging", bundle.id)
-    for round_ in range(RESEND_ROUNDS + 1):
+    # Disk first, from what `state` saw staged: nothing is written to a device that cannot hold the bundle.
+    held = {path.removesuffix(transfer.PART): size for path, size in state["staging"].get(bundle.id, {}).items()}
+    report.resumed_bytes = sum(min(held.get(p, 0), size) for p, size in sizes.items())
+    _check_disk(bundle, device, sum(sizes.values()) - report.resumed_bytes, wheels, state)
+    if report.resumed_bytes:
+        say(f"resuming: {report.resumed_bytes:,} bytes already on the device")
+    for _ in range(RESEND_ROUNDS + 1):
         staged = device.op("stage", bundle.id, stdin=manifest)["staged"]
         pieces = [transfer.Piece(p, size, staged.get(p, 0)) for p, size in sizes.items() if staged.get(p, 0) < size]
         remaining = sum(p.size - p.offset for p in pieces)
-        if round_ == 0:
-            report.resumed_bytes = sum(staged.values())
-            _check_disk(bundle, device, remaining, wheels, state)
-            if report.resumed_bytes:
-                say(f"resuming: {report.resumed_bytes:,} bytes already on the device")
         try:
             report.sent_bytes += transfer.upload(device.connection, bundle.root, staging, pieces,
                                                  channels=options.channels, stall=options.stall,
