@@ -72,14 +72,15 @@ def _finish(outcomes: list[Outcome], rows: list[dict[str, Any]], columns: list[s
 @device_options
 @click.option("--runtime", default=None,
               help="A faq-run already installed on the device, used instead of the bundle's wheelhouse.")
-@click.option("--channels", type=int, default=2, show_default=True, help="Parallel SFTP channels per host.")
+@click.option("--channels", type=click.IntRange(1, 16), default=None,
+              help="Parallel SFTP channels per host [default: 1, or 4 when the round trip exceeds 50 ms].")
 @click.option("--lock-wait", type=float, default=600.0, show_default=True,
               help="Seconds to wait for another push to the same device to finish.")
 @click.option("--health-cmd", default=None,
               help="Shell command run on the device after the switch ($FAQ_BUNDLE is the current bundle); "
                    "a non-zero exit rolls back.")
 @json_option
-def push_cmd(bundle_path: Path, targets: list[Destination], parallel: int, runtime: str | None, channels: int,
+def push_cmd(bundle_path: Path, targets: list[Destination], parallel: int, runtime: str | None, channels: int | None,
              lock_wait: float, health_cmd: str | None, as_json: bool) -> None:
     """Deploy BUNDLE to HOST... (user@host[:port] or ~/.ssh/config aliases) or an inventory.
 

@@ -7,6 +7,7 @@ import os
 import select
 import shlex
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -65,6 +66,18 @@ class Connection:
         finally:
             channel.close()
 
+    def rtt(self, timeout: float) -> float:
+        """One round trip to the device's sshd (a keepalive request it must answer), in seconds.
+        paramiko waits for the answer without a deadline, so a thread does the waiting."""
+        answered = threading.Event()
+        start = time.perf_counter()
+        threading.Thread(target=lambda: (self.transport.global_request("keepalive@openssh.com"), answered.set()),
+                         daemon=True).start()
+        if not answered.wait(timeout):
+            raise ConnectionFailed(f"{self.host}: no answer to a keepalive within {timeout:.0f} s",
+                                   "check the link, then re-run")
+        return time.perf_counter() - start
+
     def open_channel(self) -> paramiko.Channel:
         try:
             return self.transport.open_session(window_size=_WINDOW, timeout=self.host.connect_timeout)
@@ -103,6 +116,9 @@ def handshake(host: HostConfig, sock: socket.socket | paramiko.Channel | None = 
         options = transport.get_security_options()
         preferred = [t for t in hostkeys.preferred_types(known, host.key_name) if t in options.key_types]
         options.key_types = preferred + [t for t in options.key_types if t not in preferred]
+        # AES-GCM first: no separate MAC pass, 30% faster than paramiko's default aes128-ctr
+        # (scripts/bench_push.py), and OpenSSH servers have offered it since 6.2.
+        options.ciphers = tuple(sorted(options.ciphers, key=lambda c: "-gcm@" not in c))
         transport.start_client(timeout=host.connect_timeout)
     except socket.gaierror as exc:
         raise ConnectionFailed(f"cannot resolve {host.hostname} ({exc.strerror})",

@@ -47,7 +47,7 @@ class PushOptions:
     root: str = DEFAULT_ROOT
     python: str = "python3"          # the device's interpreter for the agent, probe and runtime venv
     runtime: str | None = None       # a faq-run already on the device, instead of the bundle's wheelhouse
-    channels: int = 2
+    channels: int | None = None     # parallel SFTP channels; None: by the link's round trip
     stall: float = 30.0              # seconds without progress before the link counts as dead
     lock_wait: float = 600.0
     selftest_timeout: float = 300.0
@@ -181,9 +181,10 @@ def _receive(bundle: Bundle, device: Device, options: PushOptions, state: dict[s
         staged = device.op("stage", bundle.id, stdin=manifest)["staged"]
         pieces = [transfer.Piece(p, size, staged.get(p, 0)) for p, size in sizes.items() if staged.get(p, 0) < size]
         remaining = sum(p.size - p.offset for p in pieces)
+        channels = options.channels or transfer.channels_for(device.connection.rtt(options.stall))
         try:
             report.sent_bytes += transfer.upload(device.connection, bundle.root, staging, pieces,
-                                                 channels=options.channels, stall=options.stall,
+                                                 channels=channels, stall=options.stall,
                                                  on_bytes=lambda n, total=remaining: on_bytes(n, total))
         except ConnectionFailed:
             _explain_full_disk(device, remaining)
