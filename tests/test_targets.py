@@ -16,7 +16,7 @@ import pytest
 from faq_deploy import checks, detect, models, registry
 from faq_deploy.errors import TargetError
 from faq_deploy.quant.scheme import QuantScheme
-from faq_runtime import compat, probe
+from faq_runtime import agent, compat, probe
 
 FAQ_DEPLOY = [sys.executable, "-m", "faq_deploy"]
 BOARDS = Path(__file__).parent / "fixtures" / "boards"
@@ -162,13 +162,17 @@ def test_the_probe_reads_this_machine_and_a_recording_of_it_alike(tmp_path: Path
     assert replayed["memory"]["total_bytes"] == live["memory"]["total_bytes"]
 
 
-def test_the_probe_runs_alone_on_an_old_python(tmp_path: Path) -> None:
-    """It is copied by itself to boards whose python3 may be 3.6 (JetPack 4)."""
-    source = Path(probe.__file__).read_text()
+@pytest.mark.parametrize("script", [probe, agent], ids=["probe", "agent"])
+def test_scripts_sent_to_boards_stand_alone_on_python_3_6(script: object) -> None:
+    """probe.py and agent.py are copied by themselves to boards whose python3 may be 3.6 (JetPack 4)."""
+    source = Path(script.__file__).read_text()
     ast.parse(source, feature_version=(3, 6))
     tree = ast.parse(source)
     assert not any(isinstance(n, ast.ImportFrom) and n.module and n.module.startswith(("faq", "__future__"))
                    for n in ast.walk(tree))
+
+
+def test_the_probe_runs_alone_on_an_old_python(tmp_path: Path) -> None:
     alone = shutil.copy(probe.__file__, tmp_path / "probe.py")
     done = subprocess.run([sys.executable, "-I", alone, "--root", str(BOARDS / "jetson-nano-jp4")],
                           capture_output=True, text=True, cwd=tmp_path)
