@@ -1,7 +1,8 @@
 """known_hosts, read the way OpenSSH reads it, and the verdict on a key a device presents.
 
-paramiko's own reader drops marker lines, which would turn a `@revoked` key into a merely unknown
-one; this reader keeps them: a revoked key is refused even when another line trusts it.
+paramiko's own reader (5.1) raises InvalidHostKey on any marker line: it takes `@revoked` for the
+host field and the key type for the key. This reader understands the markers: a revoked key is
+refused even when another line trusts it.
 `@cert-authority` lines are skipped (host certificates are not supported, and never trusted by accident).
 """
 
