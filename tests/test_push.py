@@ -221,7 +221,7 @@ def small_disk(tmp_path: Path) -> Path:
     mount = tmp_path / "small"
     mount.mkdir()
     yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    subprocess.run(["umount", "--lazy", str(mount)], check=False)  # the device side may still be closing files
 
 
 def mount_tmpfs(path: Path, megabytes: int) -> None:

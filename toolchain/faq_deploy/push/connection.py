@@ -108,6 +108,7 @@ def handshake(host: HostConfig, sock: socket.socket | paramiko.Channel | None = 
               ) -> tuple[paramiko.Transport, paramiko.PKey, hostkeys.Verdict, hostkeys.Entry | None]:
     """Open the SSH transport (no login yet) and judge the host key the device presents."""
     where = f"{host.hostname}:{host.port}"
+    transport = None
     try:
         if sock is None:
             sock = socket.create_connection((host.hostname, host.port), timeout=host.connect_timeout)
@@ -124,6 +125,8 @@ def handshake(host: HostConfig, sock: socket.socket | paramiko.Channel | None = 
         raise ConnectionFailed(f"cannot resolve {host.hostname} ({exc.strerror})",
                                "check the name, or give the address") from None
     except (OSError, paramiko.SSHException, EOFError) as exc:
+        if transport is not None:
+            transport.close()
         raise ConnectionFailed(f"cannot reach {where} ({exc or type(exc).__name__})",
                                "check that the device is on and sshd listens on that port") from None
     key = transport.get_remote_server_key()
