@@ -66,8 +66,6 @@ class PushReport:
     previous: str | None = None
     runtime: str | None = None
     selftest: dict[str, Any] = field(default_factory=dict)
-    message: str = ""
-    exit_code: int = 0
 
 
 Say = Callable[[str], None]
