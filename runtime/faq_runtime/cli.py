@@ -49,7 +49,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 def _selftest(args: argparse.Namespace) -> int:
     try:
-        facts = selftest(args.bundle, args.tokens, args.threads)
+        facts = selftest(args.bundle, args.tokens, args.threads, hashes=args.hashes)
     except Exception as exc:  # any failure is the verdict: report it, exit non-zero
         facts = {"ok": False, "error": f"{type(exc).__name__}: {getattr(exc, 'cause', exc)}"}
     if args.json:
@@ -91,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     test.add_argument("--tokens", type=int, default=8, help="greedy steps to run and time (default 8)")
     test.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     test.add_argument("--json", action="store_true", help="print one JSON object")
+    test.add_argument("--no-hashes", dest="hashes", action="store_false",
+                      help="skip the sha256 pass (sizes and paths still checked): the deployer has just hashed them")
     test.set_defaults(run=_selftest)
     facts = commands.add_parser("probe", help="this device's facts as JSON (what deploys check bundles against)")
     facts.add_argument("--root", default="/", help="read a recorded board under this folder (default: /)")

@@ -18,11 +18,13 @@ from faq_runtime.generate import Generator, model_folder
 PROMPT = "The capital of France is"
 
 
-def selftest(path: Path, tokens: int = 8, threads: int | None = None) -> dict[str, Any]:
+def selftest(path: Path, tokens: int = 8, threads: int | None = None, hashes: bool = True) -> dict[str, Any]:
     """Facts of one run: verify and load time, `tokens` greedy steps (even past an end token) and
-    their rate, the session's providers and the process's peak RSS. Raises when any step fails."""
+    their rate, the session's providers and the process's peak RSS. Raises when any step fails.
+    `hashes=False` checks the manifest, paths and sizes but skips the sha256 pass (for a caller that
+    has just hashed the files itself)."""
     start = time.perf_counter()
-    folder = model_folder(Path(path))
+    folder = model_folder(Path(path), hashes=hashes)
     verified = time.perf_counter()
     generator = Generator(folder, threads=threads)
     loaded = time.perf_counter()
