@@ -13,8 +13,29 @@ import onnxruntime
 
 from faq_runtime import __version__, probe
 from faq_runtime.bundle import BundleError, verify
-from faq_runtime.generate import Generator, model_folder
+from faq_runtime.generate import Generator
+from faq_runtime.load import CannotRun, LoadOptions, load
+from faq_runtime.model import ContextFull
+from faq_runtime.sampling import Sampling
 from faq_runtime.selftest import selftest
+
+EXAMPLES = """examples:
+  faq-run generate build/jetson --prompt "My fellow citizens," --max-tokens 32
+  faq-run generate build/jetson --prompt "Once" --temperature 0.8 --top-p 0.95 --seed 7 --stop "."
+  faq-run chat build/jetson --system "You answer in one sentence."
+  faq-run serve build/jetson --host 0.0.0.0 --port 8000
+  faq-run selftest build/jetson --json
+
+exit codes: 0 ok, 1 selftest failed, 2 bad usage, 12 bundle invalid, 13 this device cannot run it"""
+
+
+def _options(args: argparse.Namespace) -> LoadOptions:
+    return LoadOptions(providers=args.providers.split(",") if args.providers else None, context=args.context,
+                       threads=args.threads, check_device=args.device_check)
+
+
+def _sampling(args: argparse.Namespace) -> Sampling:
+    return Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -35,10 +56,78 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    generator = Generator(model_folder(args.bundle), threads=args.threads)
-    stream = (lambda piece: print(piece, end="", flush=True)) if args.stream else None
-    text = generator.generate(args.prompt, args.max_tokens, stream)
-    print("" if args.stream else text)
+    sampling = _sampling(args)
+    generator = load(args.bundle, _options(args))
+    prompt = generator.template.render([{"role": "user", "content": args.prompt}]) \
+        if args.chat and generator.template else args.prompt
+    stream = (lambda piece: print(piece, end="", flush=True)) if args.stream and not args.json else None
+    done = generator.complete(generator.encode(prompt), args.max_tokens, sampling, args.stop, stream)
+    if args.json:
+        print(json.dumps({"text": done.text, "tokens": done.tokens, "prompt_tokens": done.prompt_tokens,
+                          "finish_reason": done.finish_reason}))
+    else:
+        print("" if stream else done.text)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
+    generator = load(args.bundle, _options(args))
+    if generator.template is None:
+        raise CannotRun(f"{args.bundle} has no chat template", "use `faq-run generate` for plain completion")
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat: /reset clears the history, /exit or Ctrl-D leaves", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = _reply(generator, history, args, sampling)
+        if reply is None:
+            history.pop()
+        else:
+            history.append({"role": "assistant", "content": reply})
+
+
+def _reply(generator: Generator, history: list[dict[str, str]], args: argparse.Namespace,
+           sampling: Sampling) -> str | None:
+    """The assistant's answer to `history`, printed as it comes; None when it cannot fit the context."""
+    assert generator.template is not None
+    ids = generator.encode(generator.template.render(history))
+    try:
+        done = generator.complete(ids, args.max_tokens, sampling, args.stop,
+                                  lambda piece: print(piece, end="", flush=True))
+    except ContextFull as exc:
+        print(f"error: {exc}; /reset to start over", file=sys.stderr)
+        return None
+    print()
+    return done.text
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from faq_runtime.server import Api, make_server  # http.server only when serving
+
+    generator = load(args.bundle, _options(args))
+    name = args.model_name or args.bundle.resolve().name
+    server = make_server(Api(generator, name, args.max_waiting, log=not args.quiet), args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"serving {name} on http://{host}:{port}/v1 ({generator.decoder.session.get_providers()[0]}, "
+          f"context {generator.context}); Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 
@@ -48,8 +137,9 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _selftest(args: argparse.Namespace) -> int:
+    options = LoadOptions(threads=args.threads, hashes=args.hashes)
     try:
-        facts = selftest(args.bundle, args.tokens, args.threads, hashes=args.hashes)
+        facts = selftest(args.bundle, args.tokens, options)
     except Exception as exc:  # any failure is the verdict: report it, exit non-zero
         facts = {"ok": False, "error": f"{type(exc).__name__}: {getattr(exc, 'cause', exc)}"}
     if args.json:
@@ -68,21 +158,62 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="faq-run", description="Run faq-deploy bundles on this device.")
-    parser.add_argument("--version", action="version", version=f"faq-runtime {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _model_parser() -> argparse.ArgumentParser:
+    """Options of every command that loads a model."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("bundle", type=Path, help="bundle folder (verified first) or exported model folder")
+    parser.add_argument("--context", type=int, help="tokens of context, prompt included (default: the bundle's)")
+    parser.add_argument("--providers", help="execution providers to try in order, e.g. cuda,cpu "
+                                            "(default: the bundle target's; CPU is always the last resort)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--no-device-check", dest="device_check", action="store_false",
+                        help="skip the bundle-vs-device and memory checks")
+    return parser
+
+
+def _sampling_parser(max_tokens: int) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, help=f"new tokens at most (default {max_tokens})")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    parser.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
+    parser.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
+    return parser
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="faq-run", description="Run faq-deploy bundles on this device, offline.",
+                                   epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    root.add_argument("--version", action="version", version=f"faq-runtime {__version__}")
+    commands = root.add_subparsers(dest="command", required=True)
+    model = _model_parser()
     info = commands.add_parser("info", help="versions, machine and the execution providers onnxruntime lists")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(run=_info)
-    generate = commands.add_parser("generate", help="complete a prompt (greedy) with a bundle or model folder")
-    generate.add_argument("bundle", type=Path, help="bundle folder (verified first) or exported model folder")
+    generate = commands.add_parser("generate", parents=[model, _sampling_parser(64)],
+                                   help="complete a prompt (greedy unless --temperature)")
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-tokens", type=int, default=64, help="new tokens at most (default 64)")
-    generate.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    generate.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
     generate.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                           help="print text as it is generated (default on)")
+    generate.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, finish_reason")
     generate.set_defaults(run=_generate)
+    chat = commands.add_parser("chat", parents=[model, _sampling_parser(256)],
+                               help="talk to the model interactively (its chat template, with history)")
+    chat.add_argument("--system", help="a system message to start the conversation with")
+    chat.set_defaults(run=_chat)
+    serve = commands.add_parser("serve", parents=[model],
+                                help="OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, "
+                                     "/v1/models, /healthz")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--model-name", help="the model id clients send (default: the bundle folder's name)")
+    serve.add_argument("--max-waiting", type=int, default=4,
+                       help="requests that may queue behind the running one; more get 429 (default 4)")
+    serve.add_argument("--quiet", action="store_true", help="no per-request log lines")
+    serve.set_defaults(run=_serve)
     check = commands.add_parser("verify", help="check a bundle's files against its manifest")
     check.add_argument("bundle", type=Path)
     check.set_defaults(run=_verify)
@@ -98,13 +229,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     facts.add_argument("--root", default="/", help="read a recorded board under this folder (default: /)")
     facts.add_argument("--disk", default=None, help="measure free disk under this path (default: the root)")
     facts.set_defaults(run=_probe)
-    args = parser.parse_args(argv)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         return args.run(args)
+    except CannotRun as exc:
+        print(f"error: {exc.cause}\nhint: {exc.hint}", file=sys.stderr)
+        return 13
     except BundleError as exc:
         print(f"error: {exc.cause}\nhint: {exc.hint}", file=sys.stderr)
         return 12
-    except FileNotFoundError as exc:
+    except ValueError as exc:  # bad sampling values, an empty or too long prompt (ContextFull)
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,57 +1,112 @@
-"""Greedy generation over a Decoder with its KV cache: prefill the prompt once, then one token a step."""
+"""Generation over a Decoder and its KV cache: prefill the prompt once, then one token a step, with
+stop tokens, stop strings and text streamed as it becomes final."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
-import numpy as np
 from tokenizers import Tokenizer
 
-from faq_runtime.bundle import MANIFEST, MODEL_DIR, verify
-from faq_runtime.model import GENAI_CONFIG, Decoder
+from faq_runtime.model import ContextFull, Decoder
+from faq_runtime.sampling import Sampler, Sampling
+from faq_runtime.template import ChatTemplate
 
 
-def model_folder(path: Path, hashes: bool = True) -> Path:
-    """The model folder of a bundle (verified first) or a bare exported model folder."""
-    path = Path(path)
-    if (path / MANIFEST).exists():
-        return verify(path, hashes=hashes).model_dir
-    if (path / GENAI_CONFIG).exists():
-        return path
-    raise FileNotFoundError(f"{path} is neither a bundle (no {MANIFEST}) nor a model folder (no {GENAI_CONFIG}); "
-                            f"pass the folder `faq-deploy build` wrote, or its {MODEL_DIR}/")
+@dataclass
+class Completion:
+    """What one generation produced; `finish_reason` is "stop" (end token or stop string) or "length"."""
+
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+
+
+class TextStream:
+    """Turns tokens into text that is safe to show: a piece is released only once no stop string can
+    still begin in it, and never in the middle of a UTF-8 character split across tokens."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.tokens: list[int] = []
+        self.text = ""       # everything decoded so far
+        self.released = 0    # how much of it has been handed out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        self.text = self.tokenizer.decode(self.tokens)
+        hits = [i for i in (self.text.find(s, max(0, self.released - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            self.text = self.text[:min(hits)]
+            return self._release(len(self.text))
+        if self.text.endswith("\ufffd"):  # an incomplete character: wait for its next bytes
+            return ""
+        return self._release(len(self.text) - self._held_back())
+
+    def flush(self) -> str:
+        return self._release(len(self.text))
+
+    def _held_back(self) -> int:
+        """The longest end of the text that is the start of a stop string."""
+        return max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
+
+    def _release(self, end: int) -> str:
+        piece = self.text[self.released:max(end, self.released)]
+        self.released += len(piece)
+        return piece
 
 
 class Generator:
-    def __init__(self, folder: Path, threads: int | None = None) -> None:
-        self.decoder = Decoder(folder, threads=threads)
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        config = json.loads((folder / GENAI_CONFIG).read_text())["model"]
-        eos = config.get("eos_token_id")
-        self.stop_ids = set(eos if isinstance(eos, list) else [eos])
+    """A loaded model: decoder, tokenizer, end tokens and chat template, at a fixed context."""
 
-    def tokens(self, prompt_ids: list[int], max_tokens: int) -> Iterator[int]:
-        """Greedy next tokens until a stop token or `max_tokens`."""
-        cache = self.decoder.empty_cache()
-        ids = np.asarray([prompt_ids], np.int64)
-        for _ in range(max_tokens):
-            logits, cache = self.decoder.forward(ids, cache)
-            token = int(logits[0, -1].argmax())
+    def __init__(self, decoder: Decoder, tokenizer: Tokenizer, stop_ids: set[int], template: ChatTemplate | None,
+                 context: int) -> None:
+        self.decoder, self.tokenizer, self.stop_ids = decoder, tokenizer, stop_ids
+        self.template, self.context = template, context
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def tokens(self, prompt_ids: Sequence[int], max_tokens: int, sampling: Sampling = Sampling()) -> Iterator[int]:
+        """Next tokens until an end token, `max_tokens` or the context is full."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.context:
+            raise ContextFull(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.context}, "
+                              "the prompt included")
+        max_tokens = min(max_tokens, self.context - len(prompt_ids))
+        cache = self.decoder.new_cache(len(prompt_ids) + max_tokens - 1)
+        pick = Sampler(sampling)
+        seen = list(prompt_ids)
+        logits = self.decoder.step(prompt_ids, cache)
+        for produced in range(max_tokens):
+            token = pick(logits, seen)
             if token in self.stop_ids:
                 return
             yield token
-            ids = np.asarray([[token]], np.int64)
+            if produced + 1 < max_tokens:
+                seen.append(token)
+                logits = self.decoder.step([token], cache)
 
-    def generate(self, prompt: str, max_tokens: int, on_text: Callable[[str], None] | None = None) -> str:
-        """The completion of `prompt`; `on_text` receives each new piece of text as it is decoded."""
-        out: list[int] = []
-        shown = ""
-        for token in self.tokens(self.tokenizer.encode(prompt, add_special_tokens=False).ids, max_tokens):
-            out.append(token)
-            text = self.tokenizer.decode(out)
-            if on_text and len(text) > len(shown):
-                on_text(text[len(shown):])
-            shown = text
-        return self.tokenizer.decode(out)
+    def complete(self, prompt_ids: Sequence[int], max_tokens: int, sampling: Sampling = Sampling(),
+                 stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None) -> Completion:
+        """Generate after `prompt_ids`; `on_text` receives each piece of text as it becomes final."""
+        done = Completion(len(prompt_ids))
+        stream = TextStream(self.tokenizer, stop)
+        for token in self.tokens(prompt_ids, max_tokens, sampling):
+            done.tokens.append(token)
+            piece = stream.push(token)
+            if piece and on_text:
+                on_text(piece)
+            if stream.stopped:
+                break
+        budget = min(max_tokens, self.context - len(prompt_ids))
+        done.finish_reason = "stop" if stream.stopped or len(done.tokens) < budget else "length"
+        if (rest := stream.flush()) and on_text:
+            on_text(rest)
+        done.text = stream.text
+        return done

@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 GENAI_CONFIG = "genai_config.json"
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,27 @@ class DecoderSpec:
     past_value: str
     present_key: str
     present_value: str
+    # GroupQueryAttention graphs accept the same buffer as past input and present output
+    share_buffer: bool
 
     @classmethod
     def read(cls, folder: Path) -> DecoderSpec:
-        config = json.loads((folder / GENAI_CONFIG).read_text())["model"]
+        genai = json.loads((folder / GENAI_CONFIG).read_text())
+        config = genai["model"]
         decoder = config["decoder"]
         inputs, outputs = decoder["inputs"], decoder["outputs"]
         return cls(decoder["filename"], decoder["num_hidden_layers"], decoder["num_key_value_heads"],
                    decoder["head_size"], config["vocab_size"], config["context_length"],
                    inputs["past_key_names"], inputs["past_value_names"],
-                   outputs["present_key_names"], outputs["present_value_names"])
+                   outputs["present_key_names"], outputs["present_value_names"],
+                   bool(genai.get("search", {}).get("past_present_share_buffer")))
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_size * dtype_bytes
+
+
+class ContextFull(ValueError):
+    """A step would write past the cache's capacity (the context it was sized for)."""
 
 
 class Decoder:
@@ -61,6 +73,10 @@ class Decoder:
         self.input_names = {i.name for i in self.session.get_inputs()}
         past = next(i for i in self.session.get_inputs() if i.name == self.spec.past_key % 0)
         self.kv_dtype = _NUMPY_TYPES[past.type]
+        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+        self.logits_dtype = _NUMPY_TYPES[logits.type]
+        # Where the cache lives: on the GPU when a GPU provider won the session, so steps never copy it.
+        self.device = "cuda" if self.session.get_providers()[0] in _GPU_PROVIDERS else "cpu"
 
     def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
         shape = (batch, self.spec.kv_heads, 0, self.spec.head_size)
@@ -70,15 +86,18 @@ class Decoder:
             cache[self.spec.past_value % layer] = np.zeros(shape, self.kv_dtype)
         return cache
 
+    def _positions(self, past: int, length: int, batch: int = 1) -> dict[str, np.ndarray]:
+        """The mask (and positions, for graphs that take them) of `length` new tokens after `past`."""
+        feeds = {"attention_mask": np.ones((batch, past + length), np.int64)}
+        if "position_ids" in self.input_names:
+            feeds["position_ids"] = np.broadcast_to(np.arange(past, past + length, dtype=np.int64), (batch, length))
+        return feeds
+
     def forward(self, ids: np.ndarray, cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Logits [batch, len, vocab] for `ids` [batch, len] after `cache`, and the grown cache."""
         batch, length = ids.shape
         past = cache[self.spec.past_key % 0].shape[2]
-        feeds = dict(cache)
-        feeds["input_ids"] = ids.astype(np.int64)
-        feeds["attention_mask"] = np.ones((batch, past + length), np.int64)
-        if "position_ids" in self.input_names:
-            feeds["position_ids"] = np.broadcast_to(np.arange(past, past + length, dtype=np.int64), (batch, length))
+        feeds = {**cache, **self._positions(past, length, batch), "input_ids": ids.astype(np.int64)}
         names = ["logits"] + [name % layer for layer in range(self.spec.layers)
                               for name in (self.spec.present_key, self.spec.present_value)]
         logits, *present = self.session.run(names, feeds)
@@ -92,3 +111,57 @@ class Decoder:
         """Logits [len, vocab] of one sequence from an empty cache, as float32."""
         logits, _ = self.forward(np.asarray([ids], np.int64), self.empty_cache())
         return logits[0].astype(np.float32)
+
+    def new_cache(self, capacity: int | None = None) -> Cache:
+        return Cache(self, capacity or self.spec.context_length)
+
+    def step(self, ids: Sequence[int], cache: Cache) -> np.ndarray:
+        """Append `ids` to the sequence in `cache`; the float32 logits [vocab] of the last one."""
+        if cache.length + len(ids) > cache.capacity:
+            raise ContextFull(f"{cache.length} cached + {len(ids)} new tokens exceed the context of "
+                              f"{cache.capacity} tokens")
+        batch = np.asarray([ids], np.int64)
+        if cache.binding is None:
+            logits, cache.arrays = self.forward(batch, cache.arrays)
+        else:
+            cache.binding.bind_cpu_input("input_ids", batch)
+            for name, value in self._positions(cache.length, len(ids)).items():
+                cache.binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            # One-token steps reuse one logits buffer; a prompt's shape varies, so ORT allocates it
+            if len(ids) == 1:
+                cache.binding.bind_ortvalue_output("logits", cache.step_logits)
+            else:
+                cache.binding.bind_output("logits", "cpu")
+            self.session.run_with_iobinding(cache.binding)
+            logits = cache.binding.get_outputs()[0].numpy()
+        cache.length += len(ids)
+        return logits[0, -1].astype(np.float32)
+
+
+class Cache:
+    """The KV cache of one sequence of at most `capacity` tokens.
+
+    On a shared-buffer graph every past/present pair is one preallocated buffer of `capacity`
+    positions, bound as both input and output: a step writes only its new positions, where feeding
+    numpy arrays would copy the whole cache in and out at every token."""
+
+    def __init__(self, decoder: Decoder, capacity: int) -> None:
+        self.capacity, self.length = capacity, 0
+        self.arrays: dict[str, np.ndarray] = {}
+        self.binding: ort.IOBinding | None = None
+        if not decoder.spec.share_buffer:
+            self.arrays = decoder.empty_cache()
+            return
+        spec = decoder.spec
+        self.binding = decoder.session.io_binding()
+        self.binding.bind_output("logits", "cpu")  # bound first: output 0 whatever is rebound later
+        self._buffers = []  # the binding does not own them: keep them alive with the cache
+        for layer in range(spec.layers):
+            for past, present in ((spec.past_key, spec.present_key), (spec.past_value, spec.present_value)):
+                buffer = ort.OrtValue.ortvalue_from_shape_and_type(
+                    [1, spec.kv_heads, capacity, spec.head_size], decoder.kv_dtype, decoder.device, 0)
+                self.binding.bind_ortvalue_input(past % layer, buffer)
+                self.binding.bind_ortvalue_output(present % layer, buffer)
+                self._buffers.append(buffer)
+        self.step_logits = ort.OrtValue.ortvalue_from_shape_and_type(
+            [1, 1, spec.vocab_size], decoder.logits_dtype, "cpu", 0)

@@ -21,12 +21,9 @@ from faq_deploy.fetch import folder_bytes
 from faq_deploy.quant.scheme import QuantScheme
 from faq_deploy.registry import Target
 from faq_runtime.compat import version
+from faq_runtime.fit import RUNTIME_OVERHEAD, kv_cache_bytes
 
 GIB = 1 << 30
-# Process memory beyond the weights and KV cache: Python, onnxruntime, the tokenizer, session arenas.
-# Measured: `faq-run generate` (16 tokens) on the default model's bundle peaks at 496 MB RSS, 309 MB
-# more than its 187 MB of weights.
-RUNTIME_OVERHEAD = 320 * 2**20
 _DTYPE_BYTES = {"float32": 4, "float16": 2}
 
 
@@ -61,10 +58,6 @@ class Assessment:
     problems: tuple[Problem, ...]
 
 
-def _kv_bytes(layers: int, kv_heads: int, head_size: int, context: int, dtype_bytes: int) -> int:
-    return 2 * layers * kv_heads * head_size * context * dtype_bytes
-
-
 def estimate(model: nn.Module, scheme: QuantScheme, activation_dtype: str, context: int) -> Footprint:
     """The footprint of the builder's graph: packed codes, per-block scales and packed zero points for
     every block Linear, the rest (embedding, norms, an untied lm_head; a tied one is shared) and the
@@ -84,14 +77,14 @@ def estimate(model: nn.Module, scheme: QuantScheme, activation_dtype: str, conte
     config = model.config
     head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rotary = 2 * config.max_position_embeddings * (head_size // 2)
-    kv = _kv_bytes(config.num_hidden_layers, config.num_key_value_heads, head_size, context, act)
+    kv = kv_cache_bytes(config.num_hidden_layers, config.num_key_value_heads, head_size, context, act)
     return Footprint(quantized + (floats + rotary) * act, kv, context)
 
 
 def measure(model_dir: Path, layers: int, kv_heads: int, head_size: int, kv_dtype_bytes: int,
             context: int) -> Footprint:
     """The footprint of an exported model folder (its files are the weights the runtime maps)."""
-    return Footprint(folder_bytes(model_dir), _kv_bytes(layers, kv_heads, head_size, context, kv_dtype_bytes),
+    return Footprint(folder_bytes(model_dir), kv_cache_bytes(layers, kv_heads, head_size, context, kv_dtype_bytes),
                      context)
 
 

@@ -1,0 +1,65 @@
+"""Choosing the next token from logits: greedy, or sampled with the usual knobs, reproducible by seed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """`temperature` 0 is greedy (the other knobs then only apply the repetition penalty)."""
+
+    temperature: float = 0.0
+    top_k: int = 0          # 0: no top-k cut
+    top_p: float = 1.0      # nucleus: the smallest set of tokens whose probability reaches top_p
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+class Sampler:
+    """One generation's token picker; its random stream starts from the seed, so a seeded run repeats."""
+
+    def __init__(self, sampling: Sampling) -> None:
+        self.sampling = sampling
+        self.rng = np.random.default_rng(sampling.seed)
+
+    def __call__(self, logits: np.ndarray, seen: Sequence[int]) -> int:
+        s = self.sampling
+        logits = logits.astype(np.float64)
+        if s.repetition_penalty != 1.0 and seen:
+            # CTRL's penalty, as transformers applies it: shrink positive logits, grow negative ones
+            ids = np.unique(np.asarray(seen))
+            logits[ids] = np.where(logits[ids] > 0, logits[ids] / s.repetition_penalty,
+                                   logits[ids] * s.repetition_penalty)
+        if s.temperature == 0:
+            return int(logits.argmax())
+        logits /= s.temperature
+        if 0 < s.top_k < logits.size:
+            kth = np.partition(logits, -s.top_k)[-s.top_k]
+            logits[logits < kth] = -np.inf
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        if s.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cumulative = np.cumsum(probs[order])
+            # keep every token up to and including the one that brings the mass to top_p
+            cut = order[int(np.searchsorted(cumulative, s.top_p)) + 1:]
+            probs[cut] = 0.0
+            probs /= probs.sum()
+        return int(self.rng.choice(probs.size, p=probs))
