@@ -22,6 +22,7 @@ from faq_runtime.generate import Completion, Generator
 from faq_runtime.sampling import Sampling
 
 MAX_BODY_BYTES = 1 << 20
+DRAIN_LIMIT = 16 << 20
 
 
 class ApiError(Exception):
@@ -171,6 +172,7 @@ class Handler(BaseHTTPRequestHandler):
         if length is None or not length.isdigit():
             raise ApiError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required", "length_required")
         if int(length) > MAX_BODY_BYTES:
+            self._drain(int(length))
             raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                            f"the request has {int(length)} bytes; the limit is {MAX_BODY_BYTES}", "request_too_large")
         try:
@@ -180,6 +182,14 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object", "invalid_json")
         return body
+
+    def _drain(self, length: int) -> None:
+        """Read and drop an oversized body (up to a bound), so the client, still sending, gets our
+        413 instead of a broken pipe; past the bound the connection just closes after the answer."""
+        left = min(length, DRAIN_LIMIT)
+        while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+            left -= len(chunk)
+        self.close_connection = True
 
     def _envelope(self, chat: bool) -> dict[str, Any]:
         return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
