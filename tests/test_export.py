@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -109,7 +110,10 @@ def test_build_writes_a_verified_bundle(built: tuple[Path, dict]) -> None:
     assert result["bundle_id"] == manifest["bundle_id"] and result["target"] == "jetson-orin-nano-8gb"
     assert manifest["quantization"]["method"] == "faq" and manifest["quantization"]["modules"] == 210
     assert manifest["quantization"]["calibration"]["samples"] == 2
-    assert manifest["export"]["accuracy_level"] == 4
+    assert manifest["export"]["accuracy_level"] == 4 and manifest["export"]["lm_head"] == "int8"
+    graph = onnx.load(str(out / "model" / "model.onnx"), load_external_data=False)
+    head = next(n for n in graph.graph.node if n.output[0] == "logits")
+    assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8
     assert {f["path"] for f in manifest["files"]} >= {"model/model.onnx", "model/model.onnx.data",
                                                       "model/genai_config.json", "model/tokenizer.json", "REPORT.md"}
     assert result["perplexity_bundle"] < 1.5 * result["perplexity_float"]

@@ -34,8 +34,14 @@ def test_the_runtime_installs_offline_from_the_bundle_and_runs_it(x86_bundle: Pa
     run = [str(env / "bin" / "faq-run")]
     assert subprocess.run([*run, "verify", str(x86_bundle)], capture_output=True, text=True).returncode == 0
     done = subprocess.run([*run, "generate", str(x86_bundle), "--prompt", "My fellow citizens,", "--max-tokens", "6",
-                           "--no-stream"], capture_output=True, text=True)
+                           "--temperature", "0.7", "--seed", "1", "--stop", "\n\n", "--no-stream"],
+                          capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip(), done.stderr
+    installed = subprocess.run([str(python), "-m", "pip", "list", "--format", "json"], capture_output=True, text=True)
+    names = {p["name"].lower().replace("_", "-") for p in json.loads(installed.stdout)} - {"pip", "setuptools"}
+    assert "torch" not in names and "transformers" not in names and "faq-deploy" not in names
+    shipped = {w.name.split("-")[0].lower().replace("_", "-") for w in (x86_bundle / "wheels").glob("*.whl")}
+    assert names <= shipped, names - shipped  # nothing but the bundle's wheels (and the venv's own pip)
 
 
 def test_the_tar_holds_exactly_the_bundle(x86_bundle: Path) -> None:

@@ -15,16 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from faq_deploy import bundle, checkpoint, checks, models, wheelhouse
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
 from faq_deploy.errors import ExportError
-from faq_deploy.export import ExportOptions, check_codes, export_builder
+from faq_deploy.export import LM_HEAD_SCHEME, ExportOptions, check_codes, export_builder, quantize_lm_head
 from faq_deploy.fetch import folder_bytes
 from faq_deploy.jobs import quantize_loaded
 from faq_deploy.parity import Parity, compare, onnx_logits
 from faq_deploy.perplexity import perplexity
 from faq_deploy.quant import describe
+from faq_deploy.quant.quantizer import QuantizedWeight, quantize_linear_
 from faq_deploy.quant.scheme import MethodConfig
 from faq_deploy.registry import Target
 from faq_runtime.model import Decoder
@@ -71,6 +73,14 @@ def _stage(number: int, name: str, seconds: dict[str, float]) -> Iterator[None]:
     seconds[name] = round(time.perf_counter() - start, 2)
 
 
+def _quantize_head(model: nn.Module) -> QuantizedWeight:
+    """Untie the lm_head from the embedding and fake-quantize it as the export stores it, so the
+    parity check compares like with like."""
+    head = model.get_output_embeddings()
+    head.weight = nn.Parameter(head.weight.detach().clone())
+    return quantize_linear_(head, LM_HEAD_SCHEME)
+
+
 def _checked(target: Target, config: MethodConfig, footprint: checks.Footprint, force: bool) -> checks.Assessment:
     assessment = checks.assess(target, config.scheme, footprint)
     for warning in checks.enforce(assessment, force):
@@ -105,6 +115,8 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             ckpt = checkpoint.save(quantized, loaded.tokenizer, loaded.ref, work / "checkpoint", used)
             model_dir = export_builder(ckpt, work / "model", export)
             modules = check_codes(model_dir, quantized.weights)
+            if export.lm_head == "int8":
+                quantize_lm_head(model_dir, _quantize_head(quantized.model), export.accuracy_level)
         with _stage(4, "parity with the quantized torch model", seconds):
             decoder = Decoder(model_dir)
             parity = compare(quantized.model, decoder, ids[:window])

@@ -22,12 +22,18 @@ from faq_deploy.errors import ExportError
 from faq_deploy.fetch import staged_dir
 from faq_deploy.quant.packing import MatMulNBitsWeights, to_matmulnbits
 from faq_deploy.quant.quantizer import QuantizedWeight
+from faq_deploy.quant.scheme import QuantScheme
 
 MODEL_FILE = "model.onnx"
 # The builder would re-quantize the (tied) embedding and lm_head with its own 4-bit RTN; measured on
 # the default model (RTN w4 g32 blocks, 4,096 eval tokens) that costs 9% perplexity (23.32 → 25.46),
 # so they stay float: 96 MB more for SmolLM2-135M, and parity with the torch model stays exact.
 _FLOAT_NODES = "/lm_head/MatMul,/model/embed_tokens/Gather"
+_LM_HEAD = "/lm_head/MatMul"
+# The lm_head is the largest weight a decode step reads (113 of 184 MB on the default model, float):
+# 8-bit blocks of 32 (our RTN, not the builder's 4-bit) cut that to 30 MB.
+LM_HEAD_KINDS = ("int8", "float")
+LM_HEAD_SCHEME = QuantScheme(8, 32)
 PROVIDERS = ("cpu", "cuda")
 # The builder writes 4-bit containers only (`-p int4`): 3-bit codes fit one, 2- and 8-bit do not.
 BUILDER_BITS = (3, 4)
@@ -46,8 +52,11 @@ _PREFIX = {"attn": "self_attn", "mlp": "mlp"}
 class ExportOptions:
     provider: str = "cpu"
     accuracy_level: int = 4  # 4: int8 activations, the fast CPU path; 0: float activations
+    lm_head: str = "int8"    # one of LM_HEAD_KINDS
 
     def __post_init__(self) -> None:
+        if self.lm_head not in LM_HEAD_KINDS:
+            raise ExportError(f"unknown lm_head kind {self.lm_head!r}", f"use one of {', '.join(LM_HEAD_KINDS)}")
         if self.provider not in PROVIDERS:
             raise ExportError(f"unknown execution provider {self.provider!r}", f"use one of {', '.join(PROVIDERS)}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -67,6 +76,39 @@ def export_builder(checkpoint: Path, out: Path, options: ExportOptions) -> Path:
                               "report the model's architecture (the dynamo exporter is not built yet)")
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
     return out
+
+
+def quantize_lm_head(folder: Path, weight: QuantizedWeight, accuracy_level: int) -> None:
+    """Replace the builder's float lm_head MatMul by a MatMulNBits node of `weight` (our codes). The
+    builder reads a tied embedding through a Transpose of the same tensor: that Gather gets its own
+    float table (the transposed copy onnxruntime made at load anyway), so the float head can go."""
+    model = onnx.load(str(folder / MODEL_FILE))
+    graph = model.graph
+    head = next((n for n in graph.node if n.name == _LM_HEAD and n.op_type == "MatMul"), None)
+    if head is None:
+        raise ExportError(f"the exported graph has no float {_LM_HEAD} node to quantize", "export with --lm-head float")
+    init = {t.name: t for t in graph.initializer}
+    float_head = numpy_helper.to_array(init[head.input[1]])  # [K, N]
+    for node in [n for n in graph.node if n.op_type == "Transpose" and n.input[0] == head.input[1]]:
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(float_head.T),
+                                                         "model.embed_tokens.weight"))
+        for consumer in graph.node:
+            consumer.input[:] = ["model.embed_tokens.weight" if i == node.output[0] else i for i in consumer.input]
+        graph.node.remove(node)
+    packed = to_matmulnbits(weight)
+    names = [f"lm_head.MatMulNBits.{part}" for part in ("qweight", "scales", "qzeros")]
+    for name, array in zip(names, (packed.b, packed.scales, packed.zero_points), strict=True):
+        graph.initializer.append(numpy_helper.from_array(array, name))
+    index = list(graph.node).index(head)
+    graph.node.insert(index, onnx.helper.make_node(
+        "MatMulNBits", [head.input[0], *names], list(head.output), name="/lm_head/MatMulNBits",
+        domain="com.microsoft", K=packed.k, N=packed.n, bits=packed.bits, block_size=packed.block_size,
+        accuracy_level=accuracy_level))
+    graph.node.remove(head)
+    graph.initializer.remove(init[head.input[1]])
+    (folder / f"{MODEL_FILE}.data").unlink()  # onnx appends to an existing data file
+    onnx.save_model(model, str(folder / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{MODEL_FILE}.data", size_threshold=1024)
 
 
 def _node_modules(node_name: str) -> list[str] | None:

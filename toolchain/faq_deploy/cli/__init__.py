@@ -23,7 +23,7 @@ _COMMANDS = {
     "eval": "evaluate:eval_cmd", "build": "build:build_cmd", "inspect": "bundle:inspect_cmd",
     "verify": "bundle:verify_cmd", "targets": "targets:targets", "push": "push:push_cmd",
     "status": "push:status_cmd", "rollback": "push:rollback_cmd", "gc": "push:gc_cmd", "logs": "push:logs_cmd",
-    "trust": "push:trust_cmd",
+    "trust": "push:trust_cmd", "run": "bundle:run_cmd",
 }
 
 

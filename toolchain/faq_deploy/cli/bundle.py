@@ -37,3 +37,20 @@ def verify_cmd(path: Path, as_json: bool) -> None:
     verified = bundle.verify(path)
     emit({"bundle": str(path), "bundle_id": verified.id, "files": len(verified.manifest["files"]), "ok": True},
          as_json)
+
+
+@click.command("run", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                        "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def run_cmd(args: tuple[str, ...]) -> None:
+    """Run a bundle on this host with the device runtime: the same code as `faq-run` on a board
+    (generate, chat, serve, selftest, info, verify; `faq-deploy run --help` lists them).
+
+    \b
+    Examples:
+      faq-deploy run generate build/jetson --prompt "My fellow citizens," --no-device-check
+      faq-deploy run serve build/x86 --port 8000
+    """
+    from faq_runtime.cli import main
+
+    raise SystemExit(main(list(args) or ["--help"]))
