@@ -73,7 +73,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     generator = load(args.bundle, _options(args))
-    if generator.template is None:
+    template = generator.template
+    if template is None:
         raise CannotRun(f"{args.bundle} has no chat template", "use `faq-run generate` for plain completion")
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: /reset clears the history, /exit or Ctrl-D leaves", file=sys.stderr)
@@ -91,18 +92,17 @@ def _chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        reply = _reply(generator, history, args, sampling)
+        reply = _reply(generator, template.render(history), args, sampling)
         if reply is None:
             history.pop()
         else:
             history.append({"role": "assistant", "content": reply})
 
 
-def _reply(generator: Generator, history: list[dict[str, str]], args: argparse.Namespace,
-           sampling: Sampling) -> str | None:
-    """The assistant's answer to `history`, printed as it comes; None when it cannot fit the context."""
-    assert generator.template is not None
-    ids = generator.encode(generator.template.render(history))
+def _reply(generator: Generator, prompt: str, args: argparse.Namespace, sampling: Sampling) -> str | None:
+    """The assistant's answer to the rendered conversation, printed as it comes; None when it
+    cannot fit the context."""
+    ids = generator.encode(prompt)
     try:
         done = generator.complete(ids, args.max_tokens, sampling, args.stop,
                                   lambda piece: print(piece, end="", flush=True))

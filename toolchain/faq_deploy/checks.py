@@ -61,8 +61,9 @@ class Assessment:
 def estimate(model: nn.Module, scheme: QuantScheme, activation_dtype: str, context: int) -> Footprint:
     """The footprint of the builder's graph: packed codes, per-block scales and packed zero points for
     every block Linear, the rest (embedding, norms, an untied lm_head; a tied one is shared) and the
-    rotary cos/sin tables as float. 2% under the exported folder on the default model, which also
-    holds the tokenizer."""
+    rotary cos/sin tables as float. 2% under the exported folder on the default model with a float
+    lm_head (the folder also holds the tokenizer); the int8 lm_head (`--lm-head int8`, untied from the
+    embedding) adds its 30 MB, which only the check on the exported files counts."""
     act = _DTYPE_BYTES[activation_dtype]
     bits = scheme.container_bits
     quantized = 0
