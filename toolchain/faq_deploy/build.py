@@ -102,7 +102,8 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
         work = Path(tmp)
         with _stage(1, "load model and held-out text" + (", download wheels" if wheels else ""), seconds):
             loaded = models.load(model_spec)
-            _checked(target, config, checks.estimate(loaded.model, config.scheme, dtype, context), force)
+            estimate = checks.estimate(loaded.model, config.scheme, dtype, context, export.lm_head)
+            _checked(target, config, estimate, force)
             wheel_line = wheelhouse.download(target, work / "wheels") if wheels else None
             ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(EVAL_TEXT), n_eval)
             window = min(1024, len(ids))

@@ -16,7 +16,7 @@ from torch import nn
 
 from faq_deploy.architectures import block_linears
 from faq_deploy.errors import TargetError
-from faq_deploy.export import BUILDER_BITS, ONNXRUNTIME_MIN, PYTHON_MIN
+from faq_deploy.export import BUILDER_BITS, LM_HEAD_SCHEME, ONNXRUNTIME_MIN, PYTHON_MIN
 from faq_deploy.fetch import folder_bytes
 from faq_deploy.quant.scheme import QuantScheme
 from faq_deploy.registry import Target
@@ -58,22 +58,29 @@ class Assessment:
     problems: tuple[Problem, ...]
 
 
-def estimate(model: nn.Module, scheme: QuantScheme, activation_dtype: str, context: int) -> Footprint:
-    """The footprint of the builder's graph: packed codes, per-block scales and packed zero points for
-    every block Linear, the rest (embedding, norms, an untied lm_head; a tied one is shared) and the
-    rotary cos/sin tables as float. 2% under the exported folder on the default model with a float
-    lm_head (the folder also holds the tokenizer); the int8 lm_head (`--lm-head int8`, untied from the
-    embedding) adds its 30 MB, which only the check on the exported files counts."""
-    act = _DTYPE_BYTES[activation_dtype]
+def _packed_bytes(n: int, k: int, scheme: QuantScheme, act: int) -> int:
+    """Codes, per-block scales and packed zero points of one MatMulNBits weight [N, K]."""
     bits = scheme.container_bits
-    quantized = 0
-    linears = block_linears(model)
-    for linear in linears.values():
-        n, k = linear.weight.shape
-        blocks = math.ceil(k / scheme.group_size)
-        zero_points = 0 if scheme.symmetric else n * math.ceil(blocks * bits / 8)
-        quantized += n * blocks * scheme.group_size * bits // 8 + n * blocks * act + zero_points
-    covered = {id(linear.weight) for linear in linears.values()}
+    blocks = math.ceil(k / scheme.group_size)
+    zero_points = 0 if scheme.symmetric else n * math.ceil(blocks * bits / 8)
+    return n * blocks * scheme.group_size * bits // 8 + n * blocks * act + zero_points
+
+
+def estimate(model: nn.Module, scheme: QuantScheme, activation_dtype: str, context: int,
+             lm_head: str = "int8") -> Footprint:
+    """The footprint of the exported graph: packed block Linears, the lm_head packed too when
+    `lm_head` is "int8" (the embedding keeps a float table, so a tied head is then stored twice),
+    the rest (embedding, norms, a float untied lm_head) and the rotary cos/sin tables as float. 2%
+    under the exported folder on the default model, which also holds the tokenizer."""
+    act = _DTYPE_BYTES[activation_dtype]
+    linears = list(block_linears(model).values())
+    quantized = sum(_packed_bytes(*linear.weight.shape, scheme, act) for linear in linears)
+    covered = {id(linear.weight) for linear in linears}
+    if lm_head == "int8":
+        head = model.get_output_embeddings().weight
+        quantized += _packed_bytes(*head.shape, LM_HEAD_SCHEME, act)
+        if head is not model.get_input_embeddings().weight:
+            covered.add(id(head))
     floats = sum(p.numel() for p in model.parameters() if id(p) not in covered)
     config = model.config
     head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
