@@ -41,6 +41,8 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, seen: Sequence[int]) -> int:
         s = self.sampling
+        if s.temperature == 0 and s.repetition_penalty == 1.0:
+            return int(logits.argmax())  # plain greedy: no copy of the vocabulary-sized row per token
         logits = logits.astype(np.float64)
         if s.repetition_penalty != 1.0 and seen:
             # CTRL's penalty, as transformers applies it: shrink positive logits, grow negative ones
