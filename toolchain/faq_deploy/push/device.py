@@ -7,6 +7,7 @@ import json
 import os
 import posixpath
 import shlex
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,7 +43,11 @@ class Device:
         sftp = connection.sftp(timeout)
         try:
             for module in (agent, probe):
-                sftp.putfo(Path(module.__file__).open("rb"), self.tool(module))
+                # written aside, then renamed over: another push's python may be starting the old copy
+                part = f"{self.tool(module)}.{uuid.uuid4().hex[:8]}.part"
+                with Path(module.__file__).open("rb") as source:
+                    sftp.putfo(source, part)
+                sftp.posix_rename(part, self.tool(module))
         except (OSError, paramiko.SSHException) as exc:
             raise ConnectionFailed(f"{connection.host}: cannot write to {self.root} ({exc})", "re-run") from None
         finally:
