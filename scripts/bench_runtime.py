@@ -1,13 +1,16 @@
 """Runtime speed: faq-runtime vs onnxruntime-genai (same model folder, same graph, same threads) vs
 llama.cpp (llama-cpp-python, when installed, on the default model's original Q4_1 GGUF).
 
-Per engine, in its own process (so peak RSS is its own): prefill tokens/s for 128- and 1024-token
-prompts, decode tokens/s for 128 greedy tokens after a 128-token prompt (end tokens ignored, so every
-engine decodes exactly 128), a warm-up first, then the median of --runs. The prompts are the same
-token ids for all three (the evaluation speeches). The decode ceiling is the host's measured read
-bandwidth divided by the bytes each token reads (every weight but the embedding table).
+Each engine lives in its own worker process (so peak RSS is its own) and the measurements interleave:
+every repetition asks each engine in turn (the order rotates) for prefill tokens/s at 128- and
+1024-token prompts and decode tokens/s for 128 greedy tokens after a 128-token prompt (end tokens
+ignored, so every engine decodes exactly 128). A shared host's drifting load then falls on all
+engines alike, and each repetition gives a paired decode ratio ours / genai. Figures are medians over
+--runs after a warm-up. The prompts are the same token ids for all (the evaluation speeches). The
+decode ceiling is the host's measured read bandwidth divided by the bytes each token reads (every
+weight but the embedding table).
 
-    python scripts/bench_runtime.py MODEL_OR_BUNDLE [--threads 2] [--runs 3] [--out docs/results/runtime]
+    python scripts/bench_runtime.py MODEL_OR_BUNDLE [--threads 2] [--runs 10] [--out docs/results/runtime]
 """
 
 from __future__ import annotations
@@ -122,21 +125,81 @@ class LlamaCpp:
         return timed(steps)
 
 
-def measure(engine: str, folder: Path, gguf: Path, threads: int, runs: int) -> dict[str, object]:
-    """One engine's figures (run in a child process: its peak RSS is this process's)."""
+# (figure, operation, tokens): what every repetition measures, in this order
+MEASURES = (("prefill_128_tokens_s", "prefill", 128), ("prefill_1024_tokens_s", "prefill", 1024),
+            ("decode_tokens_s", "decode", DECODE))
+
+
+def serve(engine: str, folder: Path, gguf: Path, threads: int) -> None:
+    """Child mode: load one engine, then answer `[operation, tokens]` lines on stdin with seconds (or,
+    for "rss", this process's peak RSS in MB) on stdout."""
     runner = {"faq-runtime": lambda: Ours(folder, threads), "onnxruntime-genai": lambda: Genai(folder, threads),
               "llama.cpp": lambda: LlamaCpp(gguf, threads)}[engine]()
     ids = prompt_ids(folder, max(PROMPTS))
-    result: dict[str, object] = {"engine": engine}
-    for n in PROMPTS:
-        runner.prefill(ids[:n])  # warm-up: first-run allocations and kernel selection
-        seconds = statistics.median(runner.prefill(ids[:n]) for _ in range(runs))
-        result[f"prefill_{n}_tokens_s"] = round(n / seconds, 1)
-    runner.decode(ids[:PROMPTS[0]], 8)
-    seconds = statistics.median(runner.decode(ids[:PROMPTS[0]], DECODE) for _ in range(runs))
-    result["decode_tokens_s"] = round(DECODE / seconds, 1)
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return result
+    print(json.dumps("ready"), flush=True)
+    for line in sys.stdin:
+        operation, n = json.loads(line)
+        if operation == "prefill":
+            answer: float = runner.prefill(ids[:n])
+        elif operation == "decode":
+            answer = runner.decode(ids[:PROMPTS[0]], n)
+        else:
+            answer = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(answer), flush=True)
+
+
+class Worker:
+    """The parent's handle on one engine's child process."""
+
+    def __init__(self, engine: str, args: argparse.Namespace) -> None:
+        self.engine = engine
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, str(args.model), "--gguf", str(args.gguf), "--threads", str(args.threads),
+             "--engine", engine], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._read()  # "ready": the engine has loaded
+
+    def ask(self, operation: str, n: int = 0) -> float:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps([operation, n]) + "\n")
+        self.process.stdin.flush()
+        return float(self._read())
+
+    def _read(self) -> object:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.engine} worker exited with {self.process.wait()} (its stderr is above)")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.process.stdin:
+            self.process.stdin.close()
+        self.process.wait()
+
+
+def measure(workers: list[Worker], runs: int) -> tuple[list[dict[str, object]], list[float]]:
+    """Interleaved medians per engine, and the per-repetition decode ratio ours / genai."""
+    for worker in workers:  # warm-up: first-run allocations and kernel selection
+        for _, operation, n in MEASURES:
+            worker.ask(operation, 8 if operation == "decode" else n)
+    seconds: dict[str, dict[str, list[float]]] = {w.engine: {key: [] for key, _, _ in MEASURES} for w in workers}
+    for rep in range(runs):
+        turn = workers[rep % len(workers):] + workers[:rep % len(workers)]
+        for key, operation, n in MEASURES:
+            for worker in turn:
+                seconds[worker.engine][key].append(worker.ask(operation, n))
+        print(f"repetition {rep + 1}/{runs}: " + ", ".join(
+            f"{w.engine} {DECODE / seconds[w.engine]['decode_tokens_s'][-1]:.1f}" for w in workers) + " decode tok/s",
+            file=sys.stderr)
+    results = []
+    for worker in workers:
+        figures: dict[str, object] = {"engine": worker.engine}
+        for key, _, n in MEASURES:
+            figures[key] = round(n / statistics.median(seconds[worker.engine][key]), 1)
+        figures["peak_rss_mb"] = round(worker.ask("rss"))
+        results.append(figures)
+    ours, genai = seconds["faq-runtime"]["decode_tokens_s"], seconds["onnxruntime-genai"]["decode_tokens_s"]
+    return results, [g / o for o, g in zip(ours, genai, strict=True)]
 
 
 def read_bandwidth_gbs(threads: int, megabytes: int = 512) -> float:
@@ -189,7 +252,7 @@ def main() -> int:
     parser.add_argument("model", type=Path, help="a bundle or an exported model folder")
     parser.add_argument("--gguf", type=Path, default=None, help="GGUF for llama.cpp (default: the embedded model's)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "runtime")
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
@@ -199,32 +262,34 @@ def main() -> int:
 
         args.gguf = fetch_embedded()
     if args.engine:
-        print(json.dumps(measure(args.engine, folder, args.gguf, args.threads, args.runs)))
+        serve(args.engine, folder, args.gguf, args.threads)
         return 0
-    results = []
-    for engine in ENGINES:
-        if engine == "llama.cpp" and not _importable("llama_cpp"):
-            print("llama.cpp: llama-cpp-python is not installed, skipped", file=sys.stderr)
-            continue
-        done = subprocess.run([sys.executable, __file__, str(args.model), "--gguf", str(args.gguf), "--threads",
-                               str(args.threads), "--runs", str(args.runs), "--engine", engine],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{engine} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-            return 1
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"{engine}: {results[-1]}", file=sys.stderr)
+    engines = [e for e in ENGINES if e != "llama.cpp" or _importable("llama_cpp")]
+    if "llama.cpp" not in engines:
+        print("llama.cpp: llama-cpp-python is not installed, skipped", file=sys.stderr)
+    workers = [Worker(engine, args) for engine in engines]
+    try:
+        results, ratios = measure(workers, args.runs)
+    finally:
+        for worker in workers:
+            worker.close()
     per_token = bytes_per_token(folder)
     bandwidth = read_bandwidth_gbs(args.threads)
     ceiling = bandwidth * 1e9 / per_token
+    paired = {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
+              "max": round(max(ratios), 3), "per_repetition": [round(r, 3) for r in ratios]}
     report = {"host": {"machine": platform.machine(), "processor": _cpu_name(), "threads": args.threads,
                        "read_bandwidth_gbs": bandwidth},
               "model": str(folder), "gguf": args.gguf.name, "bytes_per_token": per_token,
-              "decode_ceiling_tokens_s": round(ceiling, 1), "runs": args.runs, "results": results}
+              "decode_ceiling_tokens_s": round(ceiling, 1), "runs": args.runs, "results": results,
+              "decode_ratio_ours_over_genai": paired}
     text = (f"# Runtime speed\n\n`python scripts/bench_runtime.py {args.model} --threads {args.threads} --runs "
-            f"{args.runs}` on {report['host']['processor']} ({args.threads} threads); median of {args.runs} after a "
-            f"warm-up.\n\n{table(results, ceiling)}\n\nDecode ceiling: {bandwidth} GB/s read bandwidth (measured) / "
-            f"{per_token / 1e6:.1f} MB read per token = {ceiling:.0f} tokens/s for the ONNX graph.\n")
+            f"{args.runs}` on {report['host']['processor']} ({args.threads} threads); median of {args.runs} "
+            f"interleaved repetitions after a warm-up.\n\n{table(results, ceiling)}\n\n"
+            f"Decode ours / onnxruntime-genai, paired per repetition: median {paired['median']:.2f}x "
+            f"(range {paired['min']:.2f}-{paired['max']:.2f}x over {len(ratios)}).\n\n"
+            f"Decode ceiling: {bandwidth} GB/s read bandwidth (measured) / {per_token / 1e6:.1f} MB read per token "
+            f"= {ceiling:.0f} tokens/s for the ONNX graph.\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(text)
