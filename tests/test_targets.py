@@ -162,6 +162,43 @@ def test_the_probe_reads_this_machine_and_a_recording_of_it_alike(tmp_path: Path
     assert replayed["memory"]["total_bytes"] == live["memory"]["total_bytes"]
 
 
+# A container limited to 2 GiB that has used 1.5 GiB, 256 MiB of it reclaimable page cache: 768 MiB left.
+CGROUP_LAYOUTS = {
+    # v2 in a systemd slice: the limit sits on the parent, the leaf has none
+    "v2": ("0::/faq.slice/box.scope\n", {
+        "sys/fs/cgroup/faq.slice/memory.max": "2147483648\n",
+        "sys/fs/cgroup/faq.slice/memory.current": "1610612736\n",
+        "sys/fs/cgroup/faq.slice/memory.stat": "anon 1342177280\ninactive_file 268435456\n",
+        "sys/fs/cgroup/faq.slice/box.scope/memory.max": "max\n",
+        "sys/fs/cgroup/faq.slice/box.scope/memory.current": "1073741824\n",
+        "sys/fs/cgroup/faq.slice/box.scope/memory.stat": "anon 1073741824\ninactive_file 0\n"}),
+    # v1 in Docker: the container's own cgroup is mounted as the root of the hierarchy
+    "v1": ("12:memory:/docker/0123abcd\n4:cpu,cpuacct:/docker/0123abcd\n", {
+        "sys/fs/cgroup/memory/memory.limit_in_bytes": "2147483648\n",
+        "sys/fs/cgroup/memory/memory.usage_in_bytes": "1610612736\n",
+        "sys/fs/cgroup/memory/memory.stat": "cache 300000000\ntotal_inactive_file 268435456\n"}),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(CGROUP_LAYOUTS))
+def test_a_container_memory_limit_bounds_what_the_probe_reports(tmp_path: Path, layout: str) -> None:
+    board = tmp_path / "board"
+    shutil.copytree(BOARDS / "x86-host", board)
+    membership, files = CGROUP_LAYOUTS[layout]
+    for relative, text in {"proc/self/cgroup": membership, **files}.items():
+        (board / relative).parent.mkdir(parents=True, exist_ok=True)
+        (board / relative).write_text(text)
+    host = probe.probe(str(BOARDS / "x86-host"))["memory"]
+    memory = probe.probe(str(board))["memory"]
+    assert memory == {"total_bytes": host["total_bytes"], "cgroup_limit_bytes": 2 * 2**30,
+                      "available_bytes": 768 * 2**20}
+    probe.record(str(tmp_path / "again"), str(board))  # a recording keeps the cgroup files it read
+    assert probe.probe(str(tmp_path / "again"))["memory"] == memory
+    problems = [str(p) for p in compat.check({"memory_bytes": 3 * 10**9}, probe.probe(str(board)))]
+    assert len(problems) == 1 and "2.1 GB under this cgroup's limit" in problems[0], problems
+    assert "raise the container's memory limit" in problems[0]
+
+
 @pytest.mark.parametrize("script", [probe, agent], ids=["probe", "agent"])
 def test_scripts_sent_to_boards_stand_alone_on_python_3_6(script: object) -> None:
     """probe.py and agent.py are copied by themselves to boards whose python3 may be 3.6 (JetPack 4)."""

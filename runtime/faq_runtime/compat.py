@@ -40,8 +40,12 @@ ISA_TIERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sapphirerapids": ("x86_64", ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512f", "avx512vbmi",
                                   "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")),
 }
-# The oldest Python faq_runtime runs on (runtime/pyproject.toml's requires-python).
-PYTHON_MIN = "3.8"
+# The oldest onnxruntime that runs the builder's graphs, measured by loading one and running a token
+# (scripts/onnxruntime_lines.py): 1.20 rejects ai.onnx opset 22 and 1.21–1.22 its 12-input
+# GroupQueryAttention; 1.23.0 runs it. PyPI has onnxruntime 1.23 wheels for Python 3.10 and newer only
+# (3.8 and 3.9 stop at 1.19.2), so that is faq_runtime's floor too (runtime/pyproject.toml pins both).
+ONNXRUNTIME_MIN = "1.23.0"
+PYTHON_MIN = "3.10"
 
 
 def version(text: str) -> tuple[int, ...]:
@@ -112,9 +116,13 @@ def check(needs: dict[str, Any], facts: dict[str, Any]) -> list[Mismatch]:
     if ort_min and runtime and version(runtime["version"]) < version(ort_min):
         found.append(Mismatch("onnxruntime", f">= {ort_min}", runtime["version"],
                               f"upgrade onnxruntime to {ort_min} or newer"))
-    total = facts.get("memory", {}).get("total_bytes")
+    total, where, fix = (facts.get("memory", {}).get("total_bytes"), "in total",
+                         "use fewer bits, a smaller model or a shorter context")
+    limit = facts.get("memory", {}).get("cgroup_limit_bytes")
+    if limit and (not total or limit < total):  # in a container its limit is all the memory there is
+        total, where, fix = limit, "under this cgroup's limit", fix + ", or raise the container's memory limit"
     memory = needs.get("memory_bytes")
     if memory and total and total < memory:
-        found.append(Mismatch("memory", f"{_gb(memory)} (weights, KV cache and runtime)", f"{_gb(total)} in total",
-                              "use fewer bits, a smaller model or a shorter context"))
+        found.append(Mismatch("memory", f"{_gb(memory)} (weights, KV cache and runtime)", f"{_gb(total)} {where}",
+                              fix))
     return found

@@ -31,12 +31,24 @@ FILES = {
     "tegra": "etc/nv_tegra_release",
     "cpuinfo": "proc/cpuinfo",
     "meminfo": "proc/meminfo",
+    "cgroup": "proc/self/cgroup",
 }
+# Memory cgroups (a container's limit, a systemd slice's): (mount, limit file, usage file, the
+# memory.stat key of page cache the kernel reclaims before it would kill us), v2 then v1.
+CGROUPS = (
+    ("sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+    ("sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+)
+NO_LIMIT = 2 ** 62  # v1 writes "no limit" as 2**63 - 1 rounded to a page, v2 as "max"
 
 
 def _read(root, key):
+    return _read_file(root, FILES[key])
+
+
+def _read_file(root, relative):
     try:
-        with open(os.path.join(root, FILES[key]), "rb") as handle:
+        with open(os.path.join(root, relative), "rb") as handle:
             return handle.read().decode("utf-8", "replace")
     except OSError:
         return None
@@ -88,6 +100,58 @@ def _memory(text):
     return {"total_bytes": found.get("MemTotal"), "available_bytes": found.get("MemAvailable")}
 
 
+def _cgroup_levels(root):
+    """This process's memory cgroup folders, innermost first up to the mount, with their CGROUPS row."""
+    levels = []
+    for line in (_read(root, "cgroup") or "").splitlines():
+        ident, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if ident == "0" and not controllers:
+            kind = CGROUPS[0]
+        elif "memory" in controllers.split(","):
+            kind = CGROUPS[1]
+        else:
+            continue
+        mount = kind[0]
+        folder = os.path.join(mount, path.strip("/")) if path.strip("/") else mount
+        if not os.path.isdir(os.path.join(root, folder)):  # a container sees its own cgroup at the mount
+            folder = mount
+        while True:
+            levels.append((folder, kind))
+            if folder == mount:
+                break
+            folder = os.path.dirname(folder)
+    return levels
+
+
+def _cgroup_files(root):
+    return [os.path.join(folder, name) for folder, (_, limit, usage, _) in _cgroup_levels(root)
+            for name in (limit, usage, "memory.stat")]
+
+
+def _cgroup_memory(root):
+    """(tightest limit, least room left under any limit) over the enclosing memory cgroups, or None."""
+    tightest = None
+    for folder, (_, limit_name, usage_name, cache_key) in _cgroup_levels(root):
+        limit = _integer(_read_file(root, os.path.join(folder, limit_name)))
+        usage = _integer(_read_file(root, os.path.join(folder, usage_name)))
+        if limit is None or limit >= NO_LIMIT or usage is None:
+            continue
+        stat = dict(line.split(" ", 1) for line in (_read_file(root, os.path.join(folder, "memory.stat")) or "")
+                    .splitlines() if " " in line)
+        room = limit - usage + (_integer(stat.get(cache_key)) or 0)
+        if tightest is None:
+            tightest = (limit, room)
+        else:
+            tightest = (min(tightest[0], limit), min(tightest[1], room))
+    return tightest
+
+
+def _integer(text):
+    text = (text or "").strip()
+    return int(text) if text.isdigit() else None
+
+
 def interpreter():
     """Facts about the Python running this probe and the onnxruntime it can import."""
     facts = {"machine": platform.machine(), "python": platform.python_version(), "onnxruntime": None}
@@ -112,6 +176,12 @@ def probe(root="/", disk=None):
         except (OSError, ValueError):
             runtime = {"machine": None, "python": None, "onnxruntime": None}
     arch = (_read(root, "arch") or "").strip() or runtime.get("machine")
+    memory = _memory(_read(root, "meminfo"))
+    cgroup = _cgroup_memory(root)
+    if cgroup:  # in a container the limit, not the board's RAM, is what the kernel enforces
+        memory["cgroup_limit_bytes"] = cgroup[0]
+        available = memory["available_bytes"]
+        memory["available_bytes"] = max(0, cgroup[1] if available is None else min(available, cgroup[1]))
     model = _device_tree(_read(root, "model"))
     disk_path = disk or root
     try:
@@ -126,7 +196,7 @@ def probe(root="/", disk=None):
         "compatible": _device_tree(_read(root, "compatible")),
         "l4t": _l4t(_read(root, "tegra")),
         "cpu": _cpu(_read(root, "cpuinfo")),
-        "memory": _memory(_read(root, "meminfo")),
+        "memory": memory,
         "python": runtime.get("python"),
         "onnxruntime": runtime.get("onnxruntime"),
         "disk": {"path": disk_path, "free_bytes": free},
@@ -135,7 +205,7 @@ def probe(root="/", disk=None):
 
 def record(dest, root="/"):
     """Copy the files the probe reads (those present) under `dest`, and the interpreter facts."""
-    for relative in FILES.values():
+    for relative in list(FILES.values()) + _cgroup_files(root):
         source = os.path.join(root, relative)
         if os.path.isfile(source):
             target = os.path.join(dest, relative)
