@@ -7,18 +7,23 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import onnx
+import onnxruntime as ort
 import onnxruntime_genai as og
 import openai
 import pytest
+from onnx import TensorProto, helper
 
 from faq_runtime.generate import Generator, TextStream
 from faq_runtime.load import LoadOptions, load
 from faq_runtime.sampling import Sampling
+from faq_runtime.server import Api, make_server
 from faq_runtime.template import ChatTemplate
 
 pytestmark = pytest.mark.heavy
@@ -85,6 +90,20 @@ def test_a_stop_string_split_across_tokens_is_never_released(generator: Generato
     released = "".join(stream.push(t) for t in tokenizer.encode(text, add_special_tokens=False).ids)
     assert stream.stopped and released + stream.flush() == "We the People of the "
     assert "United" not in released
+
+
+def test_streamed_text_equals_one_decode_and_never_splits_a_character(generator: Generator) -> None:
+    tokenizer = generator.tokenizer
+    text = "Café au lait, 東京の天気は晴れ 🌤️ — naïve façade. " * 3
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    assert len(ids) > len(text.split())  # byte-level pieces: characters are split across tokens
+    stream = TextStream(tokenizer, [])
+    pieces = [stream.push(t) for t in ids]
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert "".join(pieces) + stream.flush() == tokenizer.decode(ids) == text
+    inside = next(n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith("\ufffd"))
+    cut = TextStream(tokenizer, [])  # generation ended inside a character: the end is what one decode gives
+    assert "".join(cut.push(t) for t in ids[:inside]) + cut.flush() == tokenizer.decode(ids[:inside])
 
 
 def test_the_chat_template_renders_as_transformers_does(x86_bundle: Path, real_cache: Path) -> None:
@@ -238,3 +257,27 @@ def test_the_server_refuses_bad_requests_with_json_errors(client: openai.OpenAI,
         assert json.loads(error.value.read())["error"]["code"] == code
     with urllib.request.urlopen(server.removesuffix("/v1") + "/healthz", timeout=60) as health:
         assert json.loads(health.read())["providers"][0] == "CPUExecutionProvider"
+
+
+def test_a_generation_that_fails_is_a_json_error_and_the_server_lives_on(x86_bundle: Path, tmp_path: Path) -> None:
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "another_model",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, None])],
+                              [helper.make_tensor_value_info("logits", TensorProto.INT64, [1, None])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              tmp_path / "other.onnx")
+    broken = load(x86_bundle, LoadOptions(threads=1, check_device=False))
+    # A real session of a graph without the decoder's inputs: onnxruntime itself fails mid-request
+    broken.decoder.session = ort.InferenceSession(str(tmp_path / "other.onnx"))
+    server = make_server(Api(broken, "smol", log=False), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="none", max_retries=0)
+    try:
+        with pytest.raises(openai.InternalServerError) as failed:
+            client.completions.create(model="smol", prompt=PROMPT, max_tokens=4)
+        assert failed.value.code == "generation_failed" and "past_key_values.0.key" in failed.value.message
+        with pytest.raises(openai.APIError, match="generation failed"):  # after the 200: an error event
+            list(client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=4, stream=True))
+        assert [m.id for m in client.models.list()] == ["smol"]
+    finally:
+        server.shutdown()

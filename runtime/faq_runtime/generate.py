@@ -25,30 +25,50 @@ class Completion:
 
 class TextStream:
     """Turns tokens into text that is safe to show: a piece is released only once no stop string can
-    still begin in it, and never in the middle of a UTF-8 character split across tokens."""
+    still begin in it, and never in the middle of a UTF-8 character split across tokens.
+
+    Each token decodes only a short window of recent tokens, not the whole sequence again: the text
+    grows by what the window decodes to beyond its first tokens' own text. Decoding the window from
+    its first token keeps decoders that treat a sequence's first token specially (a leading space)
+    consistent with one decode of everything."""
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.tokens: list[int] = []
+        self.window = 0      # tokens[window:] are decoded at each step
+        self.decoded = 0     # tokens[:decoded] are in self.text
         self.text = ""       # everything decoded so far
         self.released = 0    # how much of it has been handed out
         self.stopped = False
 
     def push(self, token: int) -> str:
         self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens)
-        hits = [i for i in (self.text.find(s, max(0, self.released - len(s))) for s in self.stop) if i >= 0]
+        searched = max(0, len(self.text) - max(map(len, self.stop), default=0))  # earlier text held no stop
+        if not self._catch_up(final=False):
+            return ""
+        hits = [i for i in (self.text.find(s, searched) for s in self.stop) if i >= 0]
         if hits:
             self.stopped = True
             self.text = self.text[:min(hits)]
             return self._release(len(self.text))
-        if self.text.endswith("\ufffd"):  # an incomplete character: wait for its next bytes
-            return ""
         return self._release(len(self.text) - self._held_back())
 
     def flush(self) -> str:
+        self._catch_up(final=True)
         return self._release(len(self.text))
+
+    def _catch_up(self, final: bool) -> bool:
+        """Decode the tokens not yet in the text; False while they end inside a UTF-8 character."""
+        if self.stopped or self.decoded == len(self.tokens):
+            return True
+        before = self.tokenizer.decode(self.tokens[self.window:self.decoded])
+        after = self.tokenizer.decode(self.tokens[self.window:])
+        if after.endswith("\ufffd") and not final:  # wait for the character's next bytes
+            return False
+        self.text += after[len(before):]
+        self.window, self.decoded = self.decoded, len(self.tokens)
+        return True
 
     def _held_back(self) -> int:
         """The longest end of the text that is the start of a stop string."""

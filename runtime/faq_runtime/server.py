@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,8 +127,15 @@ class Api:
 
     def run(self, request: Request, on_text: Callable[[str], None] | None = None) -> Completion:
         with self.running:  # `parse` bounded the prompt and max_tokens by the context
-            return self.generator.complete(request.prompt_ids, request.max_tokens, request.sampling,
-                                           request.stop, on_text)
+            try:
+                return self.generator.complete(request.prompt_ids, request.max_tokens, request.sampling,
+                                               request.stop, on_text)
+            except (BrokenPipeError, ConnectionResetError):
+                raise
+            except Exception as exc:  # onnxruntime's (out of memory, a failed kernel): the server lives on
+                traceback.print_exc()
+                raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {exc}",
+                               "generation_failed") from exc
 
 
 def _usage(done: Completion) -> dict[str, int]:
@@ -229,7 +237,12 @@ class Handler(BaseHTTPRequestHandler):
             first = chunk(None)
             first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
             send(first)
-        done = self.api.run(request, lambda piece: send(chunk(piece)))
+        try:
+            done = self.api.run(request, lambda piece: send(chunk(piece)))
+        except ApiError as exc:  # the 200 is sent: the error comes as an event, as OpenAI's do
+            send(exc.body())
+            self.close_connection = True
+            return
         send(chunk(None, done.finish_reason))
         send("[DONE]")
 
