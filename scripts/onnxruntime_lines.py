@@ -3,7 +3,7 @@
 Ceilings: for every target that states its Python and glibc, ask pip (PyPI) for the newest onnxruntime
 wheel that installs there, and compare with the file's `onnxruntime_max`.
 Floor: install each given onnxruntime version into its own venv and run one token of an exported
-model folder; the oldest version that runs it is the floor (export.ONNXRUNTIME_MIN).
+model folder; the oldest version that runs it is the floor (faq_runtime.compat.ONNXRUNTIME_MIN).
 
     python scripts/onnxruntime_lines.py --model build/jetson/model --versions 1.20.1 1.21.1 1.22.1 1.23.0
 Writes docs/results/onnxruntime.{md,json}.

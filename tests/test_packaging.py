@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import tomllib
+
+from faq_runtime import compat
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_ALLOWED = {"onnxruntime", "numpy", "tokenizers", "jinja2", "faq_runtime"}
 
@@ -29,6 +33,15 @@ def test_runtime_runs_with_torch_and_transformers_unavailable() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert '"CPUExecutionProvider"' in done.stdout
+
+
+def test_runtime_pins_the_floors_its_checks_enforce() -> None:
+    """A device passing `compat.check` must be able to pip-install the runtime, and the other way round."""
+    project = tomllib.loads((ROOT / "runtime" / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == f">={compat.PYTHON_MIN}"
+    assert f"onnxruntime>={compat.ONNXRUNTIME_MIN}" in project["dependencies"]
+    for module in (ROOT / "runtime" / "faq_runtime").glob("*.py"):  # and its code parses on that Python
+        ast.parse(module.read_text(), feature_version=compat.version(compat.PYTHON_MIN)[:2])
 
 
 def test_ci_runs_the_readme_test_command() -> None:

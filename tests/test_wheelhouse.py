@@ -16,7 +16,6 @@ import pytest
 from conftest import FAQ_DEPLOY
 
 from faq_deploy import registry, wheelhouse
-from faq_deploy.export import ONNXRUNTIME_MIN
 from faq_runtime import compat
 from faq_runtime.bundle import MANIFEST
 
@@ -72,6 +71,6 @@ def test_wheels_for_another_board_are_that_board_s(tmp_path: Path) -> None:
     names = [p.name for p in tmp_path.glob("*.whl")]
     ort = next(n for n in names if n.startswith("onnxruntime-"))
     assert "cp310" in ort and "aarch64" in ort
-    assert compat.version(ONNXRUNTIME_MIN) <= compat.version(ort.split("-")[1]) <= (1, 23, 2)
+    assert compat.version(compat.ONNXRUNTIME_MIN) <= compat.version(ort.split("-")[1]) <= (1, 23, 2)
     assert any(n.startswith("numpy-") and "cp310" in n and "aarch64" in n for n in names)
     assert any(n.startswith("faq_runtime-") for n in names)

@@ -16,11 +16,11 @@ from torch import nn
 
 from faq_deploy.architectures import block_linears
 from faq_deploy.errors import TargetError
-from faq_deploy.export import BUILDER_BITS, LM_HEAD_SCHEME, ONNXRUNTIME_MIN, PYTHON_MIN
+from faq_deploy.export import BUILDER_BITS, LM_HEAD_SCHEME
 from faq_deploy.fetch import folder_bytes
 from faq_deploy.quant.scheme import QuantScheme
 from faq_deploy.registry import Target
-from faq_runtime.compat import version
+from faq_runtime.compat import ONNXRUNTIME_MIN, PYTHON_MIN, version
 from faq_runtime.fit import RUNTIME_OVERHEAD, kv_cache_bytes
 
 GIB = 1 << 30

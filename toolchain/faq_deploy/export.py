@@ -37,11 +37,6 @@ LM_HEAD_SCHEME = QuantScheme(8, 32)
 PROVIDERS = ("cpu", "cuda")
 # The builder writes 4-bit containers only (`-p int4`): 3-bit codes fit one, 2- and 8-bit do not.
 BUILDER_BITS = (3, 4)
-# The oldest onnxruntime that runs the builder's graphs, measured by loading one and running a token:
-# 1.20 rejects ai.onnx opset 22 and 1.21–1.22 its 12-input GroupQueryAttention; 1.23.0 runs it.
-# PyPI has onnxruntime 1.23 wheels for Python 3.10 and newer only (3.8 and 3.9 stop at 1.19.2).
-ONNXRUNTIME_MIN = "1.23.0"
-PYTHON_MIN = "3.10"
 # Builder node names → the checkpoint modules each node computes, concatenated along N in order.
 _NODE = re.compile(r"/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMul")
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}

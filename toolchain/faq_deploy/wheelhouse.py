@@ -15,8 +15,8 @@ from pathlib import Path
 
 import faq_runtime
 from faq_deploy.errors import RegistryUnreachable, TargetError
-from faq_deploy.export import ONNXRUNTIME_MIN
 from faq_deploy.registry import Target
+from faq_runtime.compat import ONNXRUNTIME_MIN
 
 RUNTIME_SOURCE = Path(faq_runtime.__file__).resolve().parents[1]  # runtime/ in a source checkout
 
