@@ -179,6 +179,10 @@ def test_unavailable_providers_fall_back_to_cpu_with_the_reason(x86_bundle: Path
     assert done.returncode == 0, done.stderr
     assert "TensorrtExecutionProvider is not in this onnxruntime build" in done.stderr
     assert "trying CPUExecutionProvider" in done.stderr
+    health = subprocess.run([*FAQ_RUN, "selftest", str(x86_bundle), "--providers", "cuda,cpu", "--json"],
+                            capture_output=True, text=True)  # the deployer's health check takes them too
+    assert health.returncode == 0 and json.loads(health.stdout)["providers"] == ["CPUExecutionProvider"]
+    assert "CUDAExecutionProvider is not in this onnxruntime build" in health.stderr
 
 
 def test_selftest_fails_when_the_model_cannot_run(x86_bundle: Path, tmp_path: Path) -> None:

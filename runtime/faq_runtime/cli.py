@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -137,7 +138,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _selftest(args: argparse.Namespace) -> int:
-    options = LoadOptions(threads=args.threads, hashes=args.hashes)
+    options = dataclasses.replace(_options(args), hashes=args.hashes)
     try:
         facts = selftest(args.bundle, args.tokens, options)
     except Exception as exc:  # any failure is the verdict: report it, exit non-zero
@@ -217,10 +218,9 @@ def parser() -> argparse.ArgumentParser:
     check = commands.add_parser("verify", help="check a bundle's files against its manifest")
     check.add_argument("bundle", type=Path)
     check.set_defaults(run=_verify)
-    test = commands.add_parser("selftest", help="verify, load and run a bundle; exit 0 only when it works")
-    test.add_argument("bundle", type=Path)
+    test = commands.add_parser("selftest", parents=[model],
+                               help="verify, load and run a bundle; exit 0 only when it works")
     test.add_argument("--tokens", type=int, default=8, help="greedy steps to run and time (default 8)")
-    test.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     test.add_argument("--json", action="store_true", help="print one JSON object")
     test.add_argument("--no-hashes", dest="hashes", action="store_false",
                       help="skip the sha256 pass (sizes and paths still checked): the deployer has just hashed them")
