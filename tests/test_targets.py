@@ -294,6 +294,7 @@ def test_build_summary_shows_fit_and_speed_ceiling(jetson_bundle: tuple[Path, st
     out, summary = jetson_bundle
     lines = {line.split()[0]: line for line in summary.splitlines()}
     assert "fits 8 GB jetson-orin-nano-8gb" in lines["fit"] and "at 8192 tokens" in lines["fit"]
+    assert "MB + KV cache" in lines["fit"] and "memory" not in lines  # one line says what the fit sums
     assert "tokens/s decode at full context (68 GB/s" in lines["ceiling"]
     manifest = json.loads((out / "manifest.json").read_text())
     memory, needs = manifest["memory"], manifest["target"]["compatibility"]

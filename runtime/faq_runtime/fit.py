@@ -13,6 +13,7 @@ from dataclasses import dataclass
 # more than its 187 MB of weights.
 RUNTIME_OVERHEAD = 320 * 2**20
 MIB = 2**20
+GIB = 2**30
 
 
 def kv_cache_bytes(layers: int, kv_heads: int, head_size: int, context: int, dtype_bytes: int) -> int:

@@ -29,6 +29,7 @@ from faq_deploy.quant import describe
 from faq_deploy.quant.quantizer import QuantizedWeight, quantize_linear_
 from faq_deploy.quant.scheme import MethodConfig
 from faq_deploy.registry import Target
+from faq_runtime.fit import GIB
 from faq_runtime.model import Decoder
 
 EVAL_TEXT = "speeches-eval"
@@ -184,7 +185,10 @@ def report(result: dict[str, Any], target: Target, parity: Parity) -> str:
 def fit_lines(result: dict[str, Any], target: Target) -> dict[str, str]:
     """The memory fit and the speed ceiling on the target, worded for the summary and REPORT.md."""
     lines = {}
-    need = f"{result['memory_bytes'] / 2**30:.2f} GiB at {result['context']} tokens (weights, KV cache, runtime)"
+    mb = 1e6
+    need = (f"{result['memory_bytes'] / GIB:.2f} GiB at {result['context']} tokens (weights "
+            f"{result['weights_bytes'] / mb:.0f} MB + KV cache {result['kv_cache_bytes'] / mb:.0f} MB + runtime "
+            f"{(result['memory_bytes'] - result['weights_bytes'] - result['kv_cache_bytes']) / mb:.0f} MB)")
     if result["fits_gb"] or result["too_small_gb"]:
         sizes = f"fits {', '.join(f'{gb:g}' for gb in result['fits_gb']) or 'no'} GB"
         if result["too_small_gb"]:

@@ -21,9 +21,8 @@ from faq_deploy.fetch import folder_bytes
 from faq_deploy.quant.scheme import QuantScheme
 from faq_deploy.registry import Target
 from faq_runtime.compat import ONNXRUNTIME_MIN, PYTHON_MIN, version
-from faq_runtime.fit import RUNTIME_OVERHEAD, kv_cache_bytes
+from faq_runtime.fit import GIB, RUNTIME_OVERHEAD, kv_cache_bytes
 
-GIB = 1 << 30
 _DTYPE_BYTES = {"float32": 4, "float16": 2}
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from faq_deploy.registry import Registry, Target
 from faq_runtime.compat import ISA_TIERS
+from faq_runtime.fit import GIB
 
-GIB = 1 << 30
 # MemTotal is the marketed size less firmware carve-outs (and GPU carve-outs on Jetsons): 7.4 GiB on
 # an 8 GB Orin Nano, 3.8 GiB on a 4 GB Raspberry Pi 4.
 _MEMTOTAL_FLOOR = 0.75

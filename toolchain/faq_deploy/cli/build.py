@@ -76,8 +76,6 @@ def build_cmd(target_name: str | None, model_spec: str | None, method: str, out:
     click.echo(f"target     {result.target}")
     click.echo(f"model      {result.model}: {result.method} w{result.bits} g{result.group}")
     click.echo(f"size       {result.bundle_bytes / mb:.1f} MB (float model {result.float_bytes / mb:.1f} MB)")
-    click.echo(f"memory     weights {result.weights_bytes / mb:.1f} MB + KV {result.kv_cache_bytes / mb:.1f} MB "
-               f"at {result.context} tokens")
     for key, line in fit_lines(asdict(result), target).items():
         click.echo(f"{key:<10} {line}")
     click.echo(f"perplexity {result.perplexity_float:.4f} float → {result.perplexity_bundle:.4f} bundle "
