@@ -218,11 +218,11 @@ def read_bandwidth_gbs(threads: int, megabytes: int = 512) -> float:
 
 
 def bytes_per_token(folder: Path) -> int:
-    """Weights a decode step reads: every initializer except the embedding table (one row is read)."""
+    """Weights a decode step reads: every initializer except the embedding table's (one row is read)."""
     import onnx
 
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    gathered = {name for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized") for name in n.input}
     total = 0
     for tensor in model.graph.initializer:
         if tensor.name in gathered:

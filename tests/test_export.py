@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -14,12 +15,14 @@ import pytest
 import torch
 
 from faq_deploy import bundle, checkpoint, models
+from faq_deploy.build import fake_quantize_tables
 from faq_deploy.data import eval_tokens, load_corpus
 from faq_deploy.errors import BundleInvalid, ExportError
-from faq_deploy.export import ExportOptions, check_codes, export_builder
+from faq_deploy.export import ExportOptions, check_codes, export_builder, quantize_tables
 from faq_deploy.parity import compare, onnx_logits
 from faq_deploy.perplexity import perplexity
 from faq_deploy.quant import make_config, quantize
+from faq_deploy.quant.packing import MatMulNBitsWeights, from_matmulnbits
 from faq_deploy.quant.scheme import QuantScheme
 from faq_runtime.bundle import MANIFEST
 from faq_runtime.model import Decoder
@@ -80,6 +83,29 @@ def test_a_changed_code_is_caught(quantized, level0: Path) -> None:
         check_codes(model_dir, {**result.weights, "model.layers.99.mlp.up_proj": weights[name]})
 
 
+@pytest.mark.parametrize("lm_head, embedding", [("int4", "int8"), ("float", "int4")])
+def test_quantized_tables_carry_our_codes_and_match_torch(quantized, level0: Path, eval_ids, tmp_path: Path,
+                                                          lm_head: str, embedding: str) -> None:
+    loaded, _, _ = quantized
+    model = copy.deepcopy(loaded.model)
+    head, table = fake_quantize_tables(model, ExportOptions(lm_head=lm_head, embedding=embedding))
+    folder = shutil.copytree(level0, tmp_path / "model")
+    quantize_tables(folder, head, table, accuracy_level=0)
+    graph = onnx.load(str(folder / "model.onnx"))
+    gather = next(n for n in graph.graph.node if n.name == "/model/embed_tokens/GatherBlockQuantized")
+    arrays = {t.name: onnx.numpy_helper.to_array(t).copy() for t in graph.graph.initializer if t.name in gather.input}
+    bits = {a.name: a.i for a in gather.attribute}["bits"]
+    data, scales, zeros = (arrays[gather.input[i]] for i in (0, 2, 3))
+    stored = from_matmulnbits(MatMulNBitsWeights(data.reshape(data.shape[0], scales.shape[1], -1), scales, zeros,
+                                                 k=table.shape[1], n=table.shape[0], bits=bits, block_size=32),
+                              table.scheme)
+    assert torch.equal(stored.codes, table.codes) and torch.equal(stored.zeros, table.zeros)
+    ops = {n.op_type for n in graph.graph.node if n.output[0] == "logits"}
+    assert ops == ({"MatMulNBits"} if head is not None else {"MatMul"})
+    parity = compare(model, Decoder(folder), eval_ids[:1000])
+    assert parity.max_rel_diff <= 1e-4 and parity.argmax_agreement == 1.0, parity
+
+
 def test_cached_decoding_equals_one_full_pass(level0: Path, eval_ids) -> None:
     """Prefill then token-by-token with the KV cache gives the logits of one full forward."""
     decoder = Decoder(level0)
@@ -110,10 +136,13 @@ def test_build_writes_a_verified_bundle(built: tuple[Path, dict]) -> None:
     assert result["bundle_id"] == manifest["bundle_id"] and result["target"] == "jetson-orin-nano-8gb"
     assert manifest["quantization"]["method"] == "faq" and manifest["quantization"]["modules"] == 210
     assert manifest["quantization"]["calibration"]["samples"] == 2
-    assert manifest["export"]["accuracy_level"] == 4 and manifest["export"]["lm_head"] == "int8"
+    assert manifest["export"]["accuracy_level"] == 4
+    assert manifest["export"]["lm_head"] == manifest["export"]["embedding"] == "int8"
     graph = onnx.load(str(out / "model" / "model.onnx"), load_external_data=False)
     head = next(n for n in graph.graph.node if n.output[0] == "logits")
     assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8
+    table = next(n for n in graph.graph.node if n.input[1] == "input_ids")
+    assert table.op_type == "GatherBlockQuantized" and {a.name: a.i for a in table.attribute}["bits"] == 8
     assert {f["path"] for f in manifest["files"]} >= {"model/model.onnx", "model/model.onnx.data",
                                                       "model/genai_config.json", "model/tokenizer.json", "REPORT.md"}
     assert result["perplexity_bundle"] < 1.5 * result["perplexity_float"]

@@ -20,7 +20,7 @@ from torch import nn
 from faq_deploy import bundle, checkpoint, checks, models, wheelhouse
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
 from faq_deploy.errors import ExportError
-from faq_deploy.export import LM_HEAD_SCHEME, ExportOptions, check_codes, export_builder, quantize_lm_head
+from faq_deploy.export import TABLE_SCHEMES, ExportOptions, check_codes, export_builder, quantize_tables
 from faq_deploy.fetch import folder_bytes
 from faq_deploy.jobs import quantize_loaded
 from faq_deploy.parity import Parity, compare, onnx_logits
@@ -74,12 +74,13 @@ def _stage(number: int, name: str, seconds: dict[str, float]) -> Iterator[None]:
     seconds[name] = round(time.perf_counter() - start, 2)
 
 
-def _quantize_head(model: nn.Module) -> QuantizedWeight:
-    """Untie the lm_head from the embedding and fake-quantize it as the export stores it, so the
-    parity check compares like with like."""
-    head = model.get_output_embeddings()
+def fake_quantize_tables(model: nn.Module, export: ExportOptions) -> tuple[QuantizedWeight | None, ...]:
+    """Untie the lm_head from the embedding and fake-quantize each that the export stores quantized,
+    as it stores it, so the parity check compares like with like: (head, embedding), None if float."""
+    head, table = model.get_output_embeddings(), model.get_input_embeddings()
     head.weight = nn.Parameter(head.weight.detach().clone())
-    return quantize_linear_(head, LM_HEAD_SCHEME)
+    return tuple(quantize_linear_(module, TABLE_SCHEMES[kind]) if kind in TABLE_SCHEMES else None
+                 for module, kind in ((head, export.lm_head), (table, export.embedding)))
 
 
 def _checked(target: Target, config: MethodConfig, footprint: checks.Footprint, force: bool) -> checks.Assessment:
@@ -103,7 +104,7 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
         work = Path(tmp)
         with _stage(1, "load model and held-out text" + (", download wheels" if wheels else ""), seconds):
             loaded = models.load(model_spec)
-            estimate = checks.estimate(loaded.model, config.scheme, dtype, context, export.lm_head)
+            estimate = checks.estimate(loaded.model, config.scheme, dtype, context, export)
             _checked(target, config, estimate, force)
             wheel_line = wheelhouse.download(target, work / "wheels") if wheels else None
             ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(EVAL_TEXT), n_eval)
@@ -117,8 +118,8 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             ckpt = checkpoint.save(quantized, loaded.tokenizer, loaded.ref, work / "checkpoint", used)
             model_dir = export_builder(ckpt, work / "model", export)
             modules = check_codes(model_dir, quantized.weights)
-            if export.lm_head == "int8":
-                quantize_lm_head(model_dir, _quantize_head(quantized.model), export.accuracy_level)
+            if TABLE_SCHEMES.keys() & {export.lm_head, export.embedding}:
+                quantize_tables(model_dir, *fake_quantize_tables(quantized.model, export), export.accuracy_level)
         with _stage(4, "parity with the quantized torch model", seconds):
             decoder = Decoder(model_dir)
             parity = compare(quantized.model, decoder, ids[:window])

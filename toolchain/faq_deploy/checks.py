@@ -16,7 +16,7 @@ from torch import nn
 
 from faq_deploy.architectures import block_linears
 from faq_deploy.errors import TargetError
-from faq_deploy.export import BUILDER_BITS, LM_HEAD_SCHEME
+from faq_deploy.export import BUILDER_BITS, TABLE_SCHEMES, ExportOptions
 from faq_deploy.fetch import folder_bytes
 from faq_deploy.quant.scheme import QuantScheme
 from faq_deploy.registry import Target
@@ -57,7 +57,7 @@ class Assessment:
     problems: tuple[Problem, ...]
 
 
-def _packed_bytes(n: int, k: int, scheme: QuantScheme, act: int) -> int:
+def packed_bytes(n: int, k: int, scheme: QuantScheme, act: int) -> int:
     """Codes, per-block scales and packed zero points of one MatMulNBits weight [N, K]."""
     bits = scheme.container_bits
     blocks = math.ceil(k / scheme.group_size)
@@ -66,20 +66,21 @@ def _packed_bytes(n: int, k: int, scheme: QuantScheme, act: int) -> int:
 
 
 def estimate(model: nn.Module, scheme: QuantScheme, activation_dtype: str, context: int,
-             lm_head: str = "int8") -> Footprint:
-    """The footprint of the exported graph: packed block Linears, the lm_head packed too when
-    `lm_head` is "int8" (the embedding keeps a float table, so a tied head is then stored twice),
-    the rest (embedding, norms, a float untied lm_head) and the rotary cos/sin tables as float. 2%
-    under the exported folder on the default model, which also holds the tokenizer."""
+             export: ExportOptions = ExportOptions()) -> Footprint:
+    """The footprint of the exported graph: packed block Linears, the lm_head and the embedding
+    packed too where `export` quantizes them (a tied pair with one of them float keeps one float
+    copy), the rest (norms, float tables) and the rotary cos/sin tables as float. 2% under the
+    exported folder on the default model, which also holds the tokenizer."""
     act = _DTYPE_BYTES[activation_dtype]
     linears = list(block_linears(model).values())
-    quantized = sum(_packed_bytes(*linear.weight.shape, scheme, act) for linear in linears)
+    quantized = sum(packed_bytes(*linear.weight.shape, scheme, act) for linear in linears)
     covered = {id(linear.weight) for linear in linears}
-    if lm_head == "int8":
-        head = model.get_output_embeddings().weight
-        quantized += _packed_bytes(*head.shape, LM_HEAD_SCHEME, act)
-        if head is not model.get_input_embeddings().weight:
-            covered.add(id(head))
+    head, table = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    packed = [(weight, TABLE_SCHEMES[kind]) for weight, kind in ((head, export.lm_head), (table, export.embedding))
+              if kind in TABLE_SCHEMES]
+    quantized += sum(packed_bytes(*weight.shape, table_scheme, act) for weight, table_scheme in packed)
+    if head is not table or len(packed) == 2:
+        covered.update(id(weight) for weight, _ in packed)
     floats = sum(p.numel() for p in model.parameters() if id(p) not in covered)
     config = model.config
     head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

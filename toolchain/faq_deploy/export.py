@@ -30,10 +30,13 @@ MODEL_FILE = "model.onnx"
 # so they stay float: 96 MB more for SmolLM2-135M, and parity with the torch model stays exact.
 _FLOAT_NODES = "/lm_head/MatMul,/model/embed_tokens/Gather"
 _LM_HEAD = "/lm_head/MatMul"
-# The lm_head is the largest weight a decode step reads (113 of 184 MB on the default model, float):
-# 8-bit blocks of 32 (our RTN, not the builder's 4-bit) cut that to 30 MB.
-LM_HEAD_KINDS = ("int8", "float")
-LM_HEAD_SCHEME = QuantScheme(8, 32)
+_EMBEDDING = "/model/embed_tokens/Gather"
+# The lm_head and the embedding table are then each float or our RTN in blocks of 32 at 8 or 4 bits:
+# the head as MatMulNBits (the largest weight a decode step reads: 113 of 184 MB on the default
+# model, float; 30 MB at 8 bits), the table as GatherBlockQuantized (only the rows of the prompt
+# are read, but the whole table is resident). onnxruntime 1.23.0, the floor, runs both at both widths.
+TABLE_SCHEMES = {"int8": QuantScheme(8, 32), "int4": QuantScheme(4, 32)}
+TABLE_KINDS = ("float", *TABLE_SCHEMES)
 PROVIDERS = ("cpu", "cuda")
 # The builder writes 4-bit containers only (`-p int4`): 3-bit codes fit one, 2- and 8-bit do not.
 BUILDER_BITS = (3, 4)
@@ -47,11 +50,13 @@ _PREFIX = {"attn": "self_attn", "mlp": "mlp"}
 class ExportOptions:
     provider: str = "cpu"
     accuracy_level: int = 4  # 4: int8 activations, the fast CPU path; 0: float activations
-    lm_head: str = "int8"    # one of LM_HEAD_KINDS
+    lm_head: str = "int8"    # one of TABLE_KINDS
+    embedding: str = "int8"  # one of TABLE_KINDS
 
     def __post_init__(self) -> None:
-        if self.lm_head not in LM_HEAD_KINDS:
-            raise ExportError(f"unknown lm_head kind {self.lm_head!r}", f"use one of {', '.join(LM_HEAD_KINDS)}")
+        for part, kind in (("lm_head", self.lm_head), ("embedding", self.embedding)):
+            if kind not in TABLE_KINDS:
+                raise ExportError(f"unknown {part} kind {kind!r}", f"use one of {', '.join(TABLE_KINDS)}")
         if self.provider not in PROVIDERS:
             raise ExportError(f"unknown execution provider {self.provider!r}", f"use one of {', '.join(PROVIDERS)}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -73,37 +78,67 @@ def export_builder(checkpoint: Path, out: Path, options: ExportOptions) -> Path:
     return out
 
 
-def quantize_lm_head(folder: Path, weight: QuantizedWeight, accuracy_level: int) -> None:
-    """Replace the builder's float lm_head MatMul by a MatMulNBits node of `weight` (our codes). The
-    builder reads a tied embedding through a Transpose of the same tensor: that Gather gets its own
-    float table (the transposed copy onnxruntime made at load anyway), so the float head can go."""
+def quantize_tables(folder: Path, head: QuantizedWeight | None, embedding: QuantizedWeight | None,
+                    accuracy_level: int) -> None:
+    """Replace the builder's float lm_head MatMul by a MatMulNBits node of `head` and its embedding
+    Gather by a GatherBlockQuantized node of `embedding` (our codes; None keeps that one float)."""
     model = onnx.load(str(folder / MODEL_FILE))
     graph = model.graph
-    head = next((n for n in graph.node if n.name == _LM_HEAD and n.op_type == "MatMul"), None)
-    if head is None:
-        raise ExportError(f"the exported graph has no float {_LM_HEAD} node to quantize", "export with --lm-head float")
-    init = {t.name: t for t in graph.initializer}
-    float_head = numpy_helper.to_array(init[head.input[1]])  # [K, N]
-    for node in [n for n in graph.node if n.op_type == "Transpose" and n.input[0] == head.input[1]]:
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(float_head.T),
-                                                         "model.embed_tokens.weight"))
-        for consumer in graph.node:
-            consumer.input[:] = ["model.embed_tokens.weight" if i == node.output[0] else i for i in consumer.input]
-        graph.node.remove(node)
-    packed = to_matmulnbits(weight)
-    names = [f"lm_head.MatMulNBits.{part}" for part in ("qweight", "scales", "qzeros")]
-    for name, array in zip(names, (packed.b, packed.scales, packed.zero_points), strict=True):
-        graph.initializer.append(numpy_helper.from_array(array, name))
-    index = list(graph.node).index(head)
-    graph.node.insert(index, onnx.helper.make_node(
-        "MatMulNBits", [head.input[0], *names], list(head.output), name="/lm_head/MatMulNBits",
-        domain="com.microsoft", K=packed.k, N=packed.n, bits=packed.bits, block_size=packed.block_size,
-        accuracy_level=accuracy_level))
-    graph.node.remove(head)
-    graph.initializer.remove(init[head.input[1]])
+    _untie(graph)
+    if head is not None:
+        node = _find(graph, _LM_HEAD, "MatMul", "--lm-head float")
+        _replace(graph, node, head, "MatMulNBits", "lm_head", [node.input[0]],
+                 dict(K=head.shape[1], N=head.shape[0], accuracy_level=accuracy_level))
+    if embedding is not None:
+        node = _find(graph, _EMBEDDING, "Gather", "--embedding float")
+        _replace(graph, node, embedding, "GatherBlockQuantized", "model.embed_tokens", [node.input[1]],
+                 dict(gather_axis=0, quantize_axis=1))
     (folder / f"{MODEL_FILE}.data").unlink()  # onnx appends to an existing data file
     onnx.save_model(model, str(folder / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=f"{MODEL_FILE}.data", size_threshold=1024)
+
+
+def _untie(graph: onnx.GraphProto) -> None:
+    """The builder reads a tied embedding through a Transpose of the head's weight: give that Gather
+    its own float table (the transposed copy onnxruntime made at load anyway), so either can change."""
+    init = {t.name: t for t in graph.initializer}
+    head = _find(graph, _LM_HEAD, "MatMul", "report this model's architecture")
+    for node in [n for n in graph.node if n.op_type == "Transpose" and n.input[0] == head.input[1]]:
+        table = numpy_helper.to_array(init[head.input[1]]).T
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table), "model.embed_tokens.weight"))
+        for consumer in graph.node:
+            consumer.input[:] = ["model.embed_tokens.weight" if i == node.output[0] else i for i in consumer.input]
+        graph.node.remove(node)
+
+
+def _find(graph: onnx.GraphProto, name: str, op_type: str, hint: str) -> onnx.NodeProto:
+    node = next((n for n in graph.node if n.name == name and n.op_type == op_type), None)
+    if node is None:
+        raise ExportError(f"the exported graph has no float {name} node to quantize", hint)
+    return node
+
+
+def _replace(graph: onnx.GraphProto, node: onnx.NodeProto, weight: QuantizedWeight, op_type: str, prefix: str,
+             inputs: list[str], attributes: dict[str, int]) -> None:
+    """Swap `node` for an `op_type` node over `weight`'s packed codes, scales and zero points (both
+    ops take MatMulNBits' layout: rows of blocks, low bits first); its float weight goes."""
+    init = {t.name: t for t in graph.initializer}
+    gather = op_type == "GatherBlockQuantized"
+    table = init[node.input[0] if gather else node.input[1]]
+    packed = to_matmulnbits(weight)
+    names = [f"{prefix}.{op_type}.{part}" for part in ("qweight", "scales", "qzeros")]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(table.data_type)  # the scales' type is the output's
+    codes = packed.b.reshape(packed.n, -1) if gather else packed.b  # [N, blocks·bytes] or [N, blocks, bytes]
+    arrays = (codes, packed.scales.astype(dtype), packed.zero_points)
+    for name, array in zip(names, arrays, strict=True):
+        graph.initializer.append(numpy_helper.from_array(array, name))
+    ordered = [names[0], *inputs, *names[1:]] if gather else [*inputs, *names]
+    graph.node.insert(list(graph.node).index(node), onnx.helper.make_node(
+        op_type, ordered, list(node.output), name=f"{node.name.rsplit('/', 1)[0]}/{op_type}", domain="com.microsoft",
+        bits=packed.bits, block_size=packed.block_size, **attributes))
+    graph.node.remove(node)
+    if not any(table.name in n.input for n in graph.node):
+        graph.initializer.remove(table)
 
 
 def _node_modules(node_name: str) -> list[str] | None:

@@ -11,7 +11,7 @@ import click
 from faq_deploy.build import fit_lines, run_build
 from faq_deploy.cli.options import emit, json_option, load_targets, model_option, targets_dir_option
 from faq_deploy.cli.quant_options import method_option, quant_options, quant_request
-from faq_deploy.export import LM_HEAD_KINDS, ExportOptions
+from faq_deploy.export import TABLE_KINDS, ExportOptions
 
 
 @click.command("build")
@@ -24,9 +24,11 @@ from faq_deploy.export import LM_HEAD_KINDS, ExportOptions
               help="Bundle folder to write (replaced when the build succeeds) [default: build/<model>-<target>].")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="MatMulNBits activations: 4 = int8 (fast on CPU), 0 = float32 [default: the target's].")
-@click.option("--lm-head", type=click.Choice(LM_HEAD_KINDS), default="int8", show_default=True,
-              help="The output projection: int8 (8-bit blocks of 32; the largest weight a decode step reads, "
-                   "113 → 30 MB on the default model) or float.")
+@click.option("--lm-head", type=click.Choice(TABLE_KINDS), default=ExportOptions.lm_head, show_default=True,
+              help="The output projection: int8 or int4 (our RTN, blocks of 32; the largest weight a decode step "
+                   "reads, 113 → 30 MB at int8 on the default model) or float.")
+@click.option("--embedding", type=click.Choice(TABLE_KINDS), default=ExportOptions.embedding, show_default=True,
+              help="The token embedding table: int8 or int4 (GatherBlockQuantized, blocks of 32) or float.")
 @click.option("--eval-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
               help="Held-out tokens (speeches-eval) for perplexity before and after and for parity.")
 @click.option("--context", type=click.IntRange(min=1), default=None,
@@ -40,8 +42,9 @@ from faq_deploy.export import LM_HEAD_KINDS, ExportOptions
 @targets_dir_option
 @json_option
 def build_cmd(target_name: str | None, model_spec: str | None, method: str, out: Path | None,
-              accuracy_level: int | None, lm_head: str, eval_tokens: int, context: int | None, force: bool,
-              wheelhouse: bool, tar: bool, targets_dirs: tuple[Path, ...], as_json: bool, **options: Any) -> None:
+              accuracy_level: int | None, lm_head: str, embedding: str, eval_tokens: int, context: int | None,
+              force: bool, wheelhouse: bool, tar: bool, targets_dirs: tuple[Path, ...], as_json: bool,
+              **options: Any) -> None:
     """Quantize, export to ONNX and pack a verified bundle for a board.
 
     The target (`faq-deploy targets list`) gives the defaults (bits, group, accuracy level, context)
@@ -62,7 +65,7 @@ def build_cmd(target_name: str | None, model_spec: str | None, method: str, out:
     config, calibration = quant_request(method, options, (target.build.bits, target.build.group))
     level = target.build.accuracy_level if accuracy_level is None else accuracy_level
     provider = "cuda" if target.build.providers[:1] == ("CUDA",) else "cpu"
-    export = ExportOptions(provider=provider, accuracy_level=level, lm_head=lm_head)
+    export = ExportOptions(provider=provider, accuracy_level=level, lm_head=lm_head, embedding=embedding)
     out = out or Path("build") / f"{(model_spec or 'smollm2').split('/')[-1].lower()}-{target.name}"
     result = run_build(model_spec, config, calibration, target, out, export, eval_tokens,
                        context or target.build.context, force=force, wheels=wheelhouse, tar=tar)

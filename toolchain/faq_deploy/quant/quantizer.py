@@ -74,8 +74,9 @@ def quantize_weight(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeigh
 
 
 @torch.no_grad()
-def quantize_linear_(linear: nn.Linear, scheme: QuantScheme) -> QuantizedWeight:
-    """Quantize a Linear's weight and replace it by its fake-quantized value, in place."""
+def quantize_linear_(linear: nn.Linear | nn.Embedding, scheme: QuantScheme) -> QuantizedWeight:
+    """Quantize a Linear's weight [out, in] (or an embedding table [vocab, hidden], blocks along the
+    hidden size) and replace it by its fake-quantized value, in place."""
     quantized = quantize_weight(linear.weight, scheme)
     linear.weight.copy_(quantized.dequantize().to(linear.weight.dtype))
     return quantized
