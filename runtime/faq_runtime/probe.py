@@ -131,7 +131,7 @@ def _cgroup_files(root):
 
 def _cgroup_memory(root):
     """(tightest limit, least room left under any limit) over the enclosing memory cgroups, or None."""
-    tightest = None
+    found = []
     for folder, (_, limit_name, usage_name, cache_key) in _cgroup_levels(root):
         limit = _integer(_read_file(root, os.path.join(folder, limit_name)))
         usage = _integer(_read_file(root, os.path.join(folder, usage_name)))
@@ -139,12 +139,8 @@ def _cgroup_memory(root):
             continue
         stat = dict(line.split(" ", 1) for line in (_read_file(root, os.path.join(folder, "memory.stat")) or "")
                     .splitlines() if " " in line)
-        room = limit - usage + (_integer(stat.get(cache_key)) or 0)
-        if tightest is None:
-            tightest = (limit, room)
-        else:
-            tightest = (min(tightest[0], limit), min(tightest[1], room))
-    return tightest
+        found.append((limit, limit - usage + (_integer(stat.get(cache_key)) or 0)))
+    return (min(f[0] for f in found), min(f[1] for f in found)) if found else None
 
 
 def _integer(text):
