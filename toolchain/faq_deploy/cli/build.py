@@ -30,7 +30,7 @@ from faq_deploy.export import TABLE_KINDS, ExportOptions
 @click.option("--embedding", type=click.Choice(TABLE_KINDS), default=ExportOptions.embedding, show_default=True,
               help="The token embedding table: int8 or int4 (GatherBlockQuantized, blocks of 32) or float.")
 @click.option("--eval-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
-              help="Held-out tokens (speeches-eval) for perplexity before and after and for parity.")
+              help="Held-out tokens (speeches-eval) for perplexity before and after (parity always uses 1,024).")
 @click.option("--context", type=click.IntRange(min=1), default=None,
               help="Context length the memory fit and speed ceiling assume [default: the target's].")
 @click.option("--force", is_flag=True,
