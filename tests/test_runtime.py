@@ -38,7 +38,7 @@ def generator(x86_bundle: Path) -> Generator:
 
 
 def test_greedy_equals_onnxruntime_genai_for_64_tokens(generator: Generator, x86_bundle: Path) -> None:
-    ids = generator.encode(PROMPT)
+    ids = generator.encode("My fellow citizens,")  # PROMPT's greedy text loops on a few tokens
     ours = list(generator.tokens(ids, 64))
     model = og.Model(str(x86_bundle / "model"))
     params = og.GeneratorParams(model)
