@@ -59,16 +59,16 @@ def load(path: Path, options: LoadOptions = LoadOptions(), warn: Callable[[str],
         facts = probe.probe(os.environ.get(probe.ROOT_ENV, "/"))
         _check_device(target.get("compatibility", {}), facts, target.get("name", "its target"))
         _check_memory(folder, spec, context, facts)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     preference = options.providers or target.get("compatibility", {}).get("providers") or ["CPU"]
     try:
-        decoder = open_decoder(folder, preference, options.threads, warn)
+        decoder = open_decoder(folder, preference, options.threads, tokenizer, warn)
     except NoProvider as exc:
         raise CannotRun(f"no execution provider could run {folder}: {exc}",
                         "check the model files and the onnxruntime install (`faq-run info`)") from None
     genai = json.loads((folder / GENAI_CONFIG).read_text())["model"]
     eos = genai.get("eos_token_id")
     stop_ids = set(eos if isinstance(eos, list) else [eos])
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     return Generator(decoder, tokenizer, stop_ids, ChatTemplate.read(folder), context)
 
 

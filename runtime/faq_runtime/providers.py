@@ -39,13 +39,13 @@ class NoProvider(RuntimeError):
     pass
 
 
-def open_decoder(folder: Path, preference: Sequence[str], threads: int | None,
+def open_decoder(folder: Path, preference: Sequence[str], threads: int | None, tokenizer: Tokenizer,
                  warn: Callable[[str], None]) -> Decoder:
     """The decoder on the first provider of `preference` (then CPU) that passes the proof; `warn`
     hears why each one before it was passed over."""
     candidates = list(dict.fromkeys([provider_name(p) for p in preference] + [CPU]))
     available = ort.get_available_providers()
-    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(PROOF_TEXT, add_special_tokens=False).ids
+    ids = tokenizer.encode(PROOF_TEXT, add_special_tokens=False).ids
     reasons = []
     for name in candidates:
         if name not in available:
@@ -66,6 +66,7 @@ def _prove(folder: Path, name: str, threads: int | None, ids: list[int]) -> Deco
         decoder = Decoder(folder, providers=[name] if name == CPU else [name, CPU], threads=threads)
         if (active := decoder.session.get_providers()[0]) != name:
             return f"{name} did not start (onnxruntime fell back to {active})"
+        # caches with room left over, as generation's are: one filled to capacity is a special case
         whole = decoder.step(ids, decoder.new_cache(2 * len(ids)))
         cache = decoder.new_cache(2 * len(ids))
         decoder.step(ids[:-1], cache)
@@ -78,5 +79,5 @@ def _prove(folder: Path, name: str, threads: int | None, ids: list[int]) -> Deco
     drift = float(np.abs(whole - stepped).max())
     if drift > PROOF_TOLERANCE * float(np.abs(whole).max()):
         return (f"{name} does not carry the KV cache from one step to the next (logits differ by up to {drift:.3g}); "
-                "a graph exported for this provider may")
+                "export the model for this provider")
     return decoder
