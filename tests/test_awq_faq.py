@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,24 @@ from tiny_models import TINY, tiny_calibration, tiny_model
 from faq_deploy import checkpoint, models
 from faq_deploy.architectures import ARCHITECTURES, active_groups, architecture_of, blocks_of
 from faq_deploy.data import calibration_rows, eval_tokens, load_corpus
+from faq_deploy.errors import InvalidQuantConfig
 from faq_deploy.perplexity import perplexity
 from faq_deploy.quant import make_config, quantize
-from faq_deploy.quant.awq import activation_statistics, apply_scale, block_inputs, channel_mean_abs, run_block
-from faq_deploy.quant.faq import FaqConfig, mix
+from faq_deploy.quant.awq import (
+    FINAL,
+    AwqConfig,
+    activation_statistics,
+    apply_scale,
+    block_inputs,
+    channel_mean_abs,
+    local_loss,
+    quantize_awq,
+    run_block,
+    search_scale,
+    window_loss,
+)
+from faq_deploy.quant.faq import FaqConfig, future, guide, mix
+from faq_deploy.quant.quantizer import quantize_weight
 from faq_deploy.quant.scheme import QuantScheme
 
 SCHEME = QuantScheme(bits=3, group_size=32)
@@ -93,7 +108,8 @@ def test_mix_follows_the_formula_and_stops_at_the_end() -> None:
 
 
 def test_prepass_statistics_equal_the_models_own_forward(real_cache: Path) -> None:
-    """The block-by-block FP pass sees exactly the activations of an ordinary model forward."""
+    """The block-by-block FP pass sees exactly the activations of an ordinary model forward, the
+    final norm's input included."""
     loaded = models.load(None)
     calibration = calibration_rows(loaded.tokenizer.backend_tokenizer, load_corpus("speeches-calib"), 2, 64, 0)
     prepass = activation_statistics(loaded.model, calibration)
@@ -104,11 +120,13 @@ def test_prepass_statistics_equal_the_models_own_forward(real_cache: Path) -> No
             def record(_module, args, index=index, name=group.name):
                 seen[index, name] = channel_mean_abs(args[0])
             handles.append(block.get_submodule(group.balance[0]).register_forward_pre_hook(record))
+    handles.append(loaded.model.model.norm.register_forward_pre_hook(
+        lambda _module, args: seen.__setitem__((30, FINAL), channel_mean_abs(args[0]))))
     with torch.inference_mode():
         loaded.model(calibration, use_cache=False)
     for handle in handles:
         handle.remove()
-    assert prepass.keys() == seen.keys() and len(seen) == 30 * 3
+    assert prepass.keys() == seen.keys() and len(seen) == 30 * 3 + 1
     for key, a in seen.items():
         assert torch.allclose(prepass[key], a, rtol=1e-5, atol=1e-7), key
 
@@ -131,3 +149,119 @@ def test_awq_and_faq_beat_rtn_end_to_end(real_cache: Path, tmp_path: Path) -> No
                 expected = loaded.model(ids[None, :256]).logits
                 assert torch.allclose(reread.model(ids[None, :256]).logits, expected, rtol=1e-5, atol=1e-5)
     assert results["awq"] < results["rtn"] and results["faq"] < results["rtn"], results
+
+
+def _scaled_stats(model, calibration: torch.Tensor, first: int, count: int, x: torch.Tensor) -> dict:
+    """a_{b,G} of blocks first..first+count−1 of `model` (as it stands) run from x, block `first`'s input."""
+    arch, blocks = architecture_of(model), blocks_of(model)
+    _, kwargs = block_inputs(model, blocks, calibration)
+    found = {}
+    for index in range(first, min(first + count, len(blocks))):
+        groups = active_groups(arch, blocks[index])
+        capture = run_block(blocks[index], x, kwargs, {g.balance[0] for g in groups})
+        found.update({(index, g.name): channel_mean_abs(capture.input(g.balance[0])) for g in groups})
+        x = capture.block_out
+    return found
+
+
+@pytest.mark.parametrize("future_stats", ["prepass", "lookahead"])
+def test_quant_propagation_sees_the_quantized_prefix(future_stats: str) -> None:
+    """propagate=quant: block b's own statistic comes from the quantized blocks before it; the
+    future comes from the FP pre-pass, or (lookahead) from that same input pushed through FP blocks."""
+    config = FaqConfig(scheme=SCHEME, gamma=0.5, window=2, propagate="quant", future_stats=future_stats)
+    calibration = tiny_calibration()
+    seen = {}
+
+    def record(stats, index, group):
+        seen[index, group.name] = [stats[index, group.name].clone(), *future(config, stats, index, group)]
+        return mix(config, stats, index, group)
+
+    model = tiny_model("LlamaForCausalLM")
+    quantize_awq(model, config, calibration, replace(guide(config), statistic=record))
+    with torch.no_grad():  # the fake-quantized model is the quantized prefix of every block
+        prefix_inputs = model(calibration, output_hidden_states=True).hidden_states
+    reference = tiny_model("LlamaForCausalLM")  # the same FP weights
+    prepass = activation_statistics(reference, calibration)
+    for (index, name), (own, *ahead) in seen.items():
+        measured = _scaled_stats(reference, calibration, index, 1 + 2 * (future_stats == "lookahead"),
+                                 prefix_inputs[index])
+        assert torch.allclose(own, measured[index, name], rtol=1e-5, atol=1e-6), (index, name)
+        if index > 0:  # a quantized prefix is seen, not the FP one
+            assert not torch.allclose(own, prepass[index, name], rtol=1e-3)
+        source = measured if future_stats == "lookahead" else prepass
+        expected = [source[index + k, name] for k in range(1, len(ahead) + 1)]
+        assert len(ahead) == min(2, 2 - index)
+        assert all(torch.allclose(a, e, rtol=1e-5, atol=1e-6) for a, e in zip(ahead, expected, strict=True))
+
+
+def test_future_switches_the_final_norm_in_only_for_residual_groups_with_virtual() -> None:
+    arch = ARCHITECTURES["LlamaForCausalLM"]
+    attn_in, mlp_out = arch.groups[0], arch.groups[3]
+    stats = {(b, g.name): torch.tensor([1.0, 3.0]) * (b + 1) for b in range(3) for g in arch.groups}
+    stats[3, FINAL] = torch.tensor([5.0, 1.0])
+    virtual = FaqConfig(window=2, last_blocks="virtual", scope="all")
+    assert [f.tolist() for f in future(virtual, stats, 1, attn_in)] == [[3.0, 9.0], [5.0, 1.0]]
+    assert [f.tolist() for f in future(virtual, stats, 2, attn_in)] == [[5.0, 1.0]]
+    assert future(virtual, stats, 2, mlp_out) == []  # the final norm's input is not a down_proj input
+    assert future(replace(virtual, last_blocks="truncate"), stats, 2, attn_in) == []
+
+
+def test_without_alpha_search_ratio_zero_ignores_the_calibration() -> None:
+    """alpha_search=False takes s = (a^r / w̄^(1−r)) for the fixed r: at r = 0 the scales (and, with
+    clip off, the codes) depend on the weights alone; the searched scales depend on the data."""
+    first, second = tiny_calibration(seed=0), tiny_calibration(seed=1)
+    for options, same in (({"alpha_search": False, "ratio": 0.0}, True), ({}, False)):
+        config = make_config("awq", SCHEME, clip=False, **options)
+        codes = [_codes(quantize(tiny_model("LlamaForCausalLM"), config, rows).weights) for rows in (first, second)]
+        assert _same(*codes, list(codes[0])) is same, options
+
+
+def test_window_loss_is_the_error_at_the_end_of_the_window_and_its_search_minimises_it() -> None:
+    model, calibration = tiny_model("LlamaForCausalLM"), tiny_calibration()
+    blocks, arch = blocks_of(model), architecture_of(model)
+    x, kwargs = block_inputs(model, blocks, calibration)
+    with torch.no_grad():
+        fp_states = model(calibration, output_hidden_states=True).hidden_states
+    loss = window_loss(blocks, 0, 1, x, kwargs)
+    assert loss() == 0.0
+    group, block = arch.groups[2], blocks[0]  # mlp-in of block 0
+    balance = [block.get_submodule(name) for name in group.balance]
+    originals = [linear.weight.detach().clone() for linear in balance]
+
+    def errors(s: torch.Tensor) -> tuple[float, float]:
+        """With the group quantized at s: the window loss, and the same error through the model."""
+        with torch.no_grad():
+            for linear, w in zip(balance, originals, strict=True):
+                linear.weight.copy_(quantize_weight(w * s, SCHEME).dequantize() / s)
+            states = model(calibration, output_hidden_states=True).hidden_states
+            window = loss()
+            for linear, w in zip(balance, originals, strict=True):
+                linear.weight.copy_(w)
+        return window, (states[2] - fp_states[2]).pow(2).mean().item()  # block 2's input: blocks 0..1 done
+
+    a = activation_statistics(model, calibration)[0, group.name]
+    config = AwqConfig(scheme=SCHEME)
+    fp = run_block(block, x, kwargs, {group.inspect}, {group.inspect})
+    by_window = search_scale(block, group, a, config, loss)
+    by_module = search_scale(block, group, a, config, local_loss(block, group, fp))
+    assert not torch.equal(by_window, by_module)
+    (window, through_model), (other, _) = errors(by_window), errors(by_module)
+    assert window == pytest.approx(through_model, rel=1e-4)
+    assert window <= other
+
+
+@pytest.mark.parametrize("options", [
+    {"alpha_search": False}, {"propagate": "quant"}, {"propagate": "quant", "future_stats": "lookahead"},
+    {"last_blocks": "virtual"}, {"objective": "window"}])
+def test_each_ablation_switch_changes_faq_and_keeps_valid_codes(options: dict) -> None:
+    calibration = tiny_calibration()
+    default = _codes(quantize(tiny_model("Qwen2ForCausalLM"), make_config("faq", SCHEME), calibration).weights)
+    switched = _codes(quantize(tiny_model("Qwen2ForCausalLM"), make_config("faq", SCHEME, **options),
+                               calibration).weights)
+    assert not _same(default, switched, list(default))
+    assert all(int(codes.max()) <= SCHEME.max_code for codes, _, _ in switched.values())
+
+
+def test_lookahead_without_quant_propagation_is_refused() -> None:
+    with pytest.raises(InvalidQuantConfig, match="lookahead.*propagate"):
+        FaqConfig(future_stats="lookahead")

@@ -9,7 +9,8 @@ import click
 
 from faq_deploy.data import Calibration
 from faq_deploy.quant import METHODS, make_config
-from faq_deploy.quant.faq import SCOPES, WINDOW_WEIGHTS, FaqConfig
+from faq_deploy.quant.awq import PROPAGATE
+from faq_deploy.quant.faq import FUTURE_STATS, LAST_BLOCKS, OBJECTIVES, SCOPES, WINDOW_WEIGHTS, FaqConfig
 from faq_deploy.quant.scheme import MethodConfig, QuantScheme
 
 DEFAULT_SCHEME = (4, 32)  # bits, group size
@@ -47,6 +48,13 @@ quant_options = _stack(
     click.option("--search-rows", type=int, default=None,
                  help=f"awq/faq: rows the scale search scores candidates on [default: {FaqConfig.search_rows}]."),
     click.option("--clip/--no-clip", default=None, help="awq/faq: AWQ auto-clip [default: on]."),
+    click.option("--alpha-search/--no-alpha-search", default=None,
+                 help="awq/faq: search the scale ratio per group, or take --ratio everywhere [default: search]."),
+    click.option("--ratio", type=float, default=None,
+                 help=f"awq/faq: the fixed ratio r (0…1) with --no-alpha-search [default: {FaqConfig.ratio}]."),
+    click.option("--propagate", type=click.Choice(PROPAGATE), default=None,
+                 help="awq/faq: what the next block sees, the FP output (AutoAWQ) or the quantized block's "
+                      f"[default: {FaqConfig.propagate}]."),
     click.option("--gamma", type=float, default=None,
                  help=f"faq: weight of the future profile, 0 = AWQ [default: {FaqConfig.gamma}, pre-searched]."),
     click.option("--window", type=int, default=None,
@@ -57,6 +65,15 @@ quant_options = _stack(
                  help=f"faq: ratio of geometric window weights [default: {FaqConfig.rho}]."),
     click.option("--scope", type=click.Choice(SCOPES), default=None,
                  help=f"faq: residual (groups fed by the residual stream) or all [default: {FaqConfig.scope}]."),
+    click.option("--last-blocks", type=click.Choice(LAST_BLOCKS), default=None,
+                 help="faq: near the end, truncate the window, or take the final norm's input as one more "
+                      f"future layer [default: {FaqConfig.last_blocks}]."),
+    click.option("--future-stats", type=click.Choice(FUTURE_STATS), default=None,
+                 help="faq: future statistics from the FP pre-pass, or (with --propagate quant) measured from the "
+                      f"quantized prefix through the FP blocks ahead [default: {FaqConfig.future_stats}]."),
+    click.option("--objective", type=click.Choice(OBJECTIVES), default=None,
+                 help="faq: score scale candidates at the inspected module, or at the output of the window's "
+                      f"last block (about j times slower) [default: {FaqConfig.objective}]."),
 )
 
 

@@ -5,8 +5,12 @@ full-precision activations propagated from block to block.
 Two passes. The statistics pass runs the FP model block by block over every calibration row and
 keeps only a_{b,G} (per-channel mean |x|, kilobytes). The main pass then works on the first
 `search_rows` rows: the 20-candidate search dominates the cost and is scored there. FAQ
-(quant/faq.py) changes one thing, the statistic the search starts from (`StatsHook`), and so costs
-no more than AWQ: both need every block's statistics, FAQ just reads them ahead.
+(quant/faq.py) steers the search through a `Guide`: above all the statistic the search starts
+from, and so costs no more than AWQ: both need every block's statistics, FAQ just reads them ahead.
+
+The FAQ_SPEC §3 switches that are not about the future live here, because they make sense for AWQ
+too: `alpha_search=False` takes one fixed ratio instead of the search, and `propagate="quant"` feeds
+each block the quantized prefix's output, re-measuring its statistics on every calibration row.
 """
 
 from __future__ import annotations
@@ -25,12 +29,17 @@ from faq_deploy.progress import progress
 from faq_deploy.quant.quantizer import QuantizedWeight, grouped, quantize_linear_, quantize_weight
 from faq_deploy.quant.scheme import MethodConfig, QuantScheme
 
+PROPAGATE = ("fp", "quant")
+
 
 @dataclass(frozen=True)
 class AwqConfig(MethodConfig):
     method: ClassVar[str] = "awq"
     needs_calibration: ClassVar[bool] = True
     grid: int = 20          # candidate ratios r = 0, 1/grid, …, (grid−1)/grid
+    alpha_search: bool = True  # False: every group takes `ratio`, no search (the search-free variant)
+    ratio: float = 0.5
+    propagate: str = "fp"   # fp (AutoAWQ): block b+1 sees block b's FP output; quant: its quantized output
     clip: bool = True       # AWQ auto-clip (skips q and k)
     clip_tokens: int = 512  # tokens sampled for the clip search
     # Calibration rows the scale search scores its candidates on; the statistics use every row.
@@ -43,12 +52,34 @@ class AwqConfig(MethodConfig):
             raise InvalidQuantConfig(
                 f"grid={self.grid}, clip_tokens={self.clip_tokens} and search_rows={self.search_rows} must be ≥ 1",
                 "use the defaults (20, 512 and 8)")
+        if not 0 <= self.ratio <= 1 or self.propagate not in PROPAGATE:
+            raise InvalidQuantConfig(f"ratio={self.ratio} (0…1) or propagate={self.propagate!r} "
+                                     f"({'/'.join(PROPAGATE)}) is out of range",
+                                     "see `faq-deploy quantize --help` for each setting's range")
 
 
-Statistics = dict[tuple[int, str], torch.Tensor]  # (block, group name) → a_{b,G}, float32 [channels]
+# (block, group name) → a_{b,G}, float32 [channels]; (L, FINAL) → the final norm's input, past block L−1
+Statistics = dict[tuple[int, str], torch.Tensor]
+FINAL = "final-norm-input"
 
 # (all statistics, block, group) → the statistic the scale search uses. AWQ: the block's own a.
 StatsHook = Callable[[Statistics, int, ScalingGroup], torch.Tensor]
+
+
+def _own_statistic(stats: Statistics, index: int, group: ScalingGroup) -> torch.Tensor:
+    return stats[index, group.name]
+
+
+@dataclass(frozen=True)
+class Guide:
+    """What steers the scale search. AWQ's: the block's own statistic, scored at the inspected module."""
+
+    statistic: StatsHook = _own_statistic
+    # Under quant propagation, also re-measure blocks b+1..b+lookahead from the quantized prefix
+    # (pushed through the FP blocks) instead of taking their FP pre-pass statistics.
+    lookahead: int = 0
+    # 0: score a candidate at the inspected module's output; j: at the output of blocks b..b+j.
+    loss_window: int = 0
 
 
 class _Stop(Exception):
@@ -134,25 +165,54 @@ def candidate_scales(a: torch.Tensor, w_bar: torch.Tensor, ratio: float) -> torc
     return torch.where(torch.isfinite(s), s, torch.ones_like(s))
 
 
-@torch.no_grad()
-def search_scale(block: nn.Module, group: ScalingGroup, capture: BlockCapture, a: torch.Tensor,
-                 scheme: QuantScheme, grid: int) -> torch.Tensor:
-    """The s of the best ratio r on the unmodified block."""
-    balance = [block.get_submodule(name) for name in group.balance]
-    originals = [linear.weight.detach().clone() for linear in balance]
-    w_bar = weight_profile(originals, scheme.group_size)
+Loss = Callable[[], float]  # the error of the block as its weights stand, against FP
+
+
+def _mse(x: torch.Tensor, target: torch.Tensor) -> float:
+    return (x - target).float().pow(2).mean().item()
+
+
+def local_loss(block: nn.Module, group: ScalingGroup, capture: BlockCapture) -> Loss:
+    """AWQ's objective: the inspected module's output on its recorded inputs."""
     args, kwargs = capture.calls[group.inspect]
     inspect = block.get_submodule(group.inspect)
     target = capture.outputs[group.inspect]
+    return lambda: _mse(_first(inspect(*args, **kwargs)), target)
+
+
+def window_loss(blocks: nn.ModuleList, index: int, window: int, x: torch.Tensor,
+                kwargs: dict[str, Any]) -> Loss:
+    """FAQ's window objective: the output of blocks index..index+window (truncated at the last),
+    the later blocks in FP, against the all-FP output of the same blocks."""
+    chain = [blocks[b] for b in range(index, min(index + window, len(blocks) - 1) + 1)]
+
+    def forward() -> torch.Tensor:
+        h = x
+        for block in chain:
+            h = _first(block(h, **kwargs))
+        return h
+
+    target = forward()
+    return lambda: _mse(forward(), target)
+
+
+@torch.no_grad()
+def search_scale(block: nn.Module, group: ScalingGroup, a: torch.Tensor, config: AwqConfig,
+                 loss: Loss) -> torch.Tensor:
+    """The s of the best ratio r on the unmodified block (or of the fixed ratio, without search)."""
+    balance = [block.get_submodule(name) for name in group.balance]
+    originals = [linear.weight.detach().clone() for linear in balance]
+    w_bar = weight_profile(originals, config.scheme.group_size)
+    if not config.alpha_search:
+        return candidate_scales(a, w_bar, config.ratio)
     best_loss, best = float("inf"), torch.ones_like(a)
     try:
-        for step in range(grid):
-            s = candidate_scales(a, w_bar, step / grid)
+        for step in range(config.grid):
+            s = candidate_scales(a, w_bar, step / config.grid)
             for linear, w in zip(balance, originals, strict=True):
-                linear.weight.copy_(quantize_weight(w * s, scheme).dequantize() / s)
-            loss = (_first(inspect(*args, **kwargs)) - target).float().pow(2).mean().item()
-            if loss < best_loss:
-                best_loss, best = loss, s
+                linear.weight.copy_(quantize_weight(w * s, config.scheme).dequantize() / s)
+            if (candidate := loss()) < best_loss:
+                best_loss, best = candidate, s
     finally:
         for linear, w in zip(balance, originals, strict=True):
             linear.weight.copy_(w)
@@ -221,6 +281,22 @@ def _quantize_block(block: nn.Module, prefix: str, arch: Architecture, capture: 
 
 
 @torch.no_grad()
+def measure_statistics(stats: Statistics, arch: Architecture, blocks: nn.ModuleList, first: int, last: int,
+                       x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Run blocks first..last as they stand on x (block `first`'s input), recording a_{b,G} of each
+    into `stats`, and the final norm's input when the run passes the last block; returns the output."""
+    for index in range(first, last + 1):
+        groups = active_groups(arch, blocks[index])
+        capture = run_block(blocks[index], x, kwargs, {g.balance[0] for g in groups})
+        for group in groups:
+            stats[index, group.name] = channel_mean_abs(capture.input(group.balance[0]))
+        x = capture.block_out
+    if last == len(blocks) - 1:
+        stats[len(blocks), FINAL] = channel_mean_abs(x)
+    return x
+
+
+@torch.no_grad()
 def activation_statistics(model: PreTrainedModel, calibration: torch.Tensor) -> Statistics:
     """The statistics pass: one FP forward, block by block, recording a_{b,G} for every group."""
     arch = architecture_of(model)
@@ -228,37 +304,41 @@ def activation_statistics(model: PreTrainedModel, calibration: torch.Tensor) -> 
     x, kwargs = block_inputs(model, blocks, calibration)
     stats: Statistics = {}
     for index in progress(range(len(blocks)), "statistics", "block"):
-        groups = active_groups(arch, blocks[index])
-        capture = run_block(blocks[index], x, kwargs, {g.balance[0] for g in groups})
-        for group in groups:
-            stats[index, group.name] = channel_mean_abs(capture.input(group.balance[0]))
-        x = capture.block_out
+        x = measure_statistics(stats, arch, blocks, index, index, x, kwargs)
     return stats
-
-
-def _own_statistic(stats: Statistics, index: int, group: ScalingGroup) -> torch.Tensor:
-    return stats[index, group.name]
 
 
 @torch.no_grad()
 def quantize_awq(model: PreTrainedModel, config: AwqConfig, calibration: torch.Tensor,
-                 stats_hook: StatsHook = _own_statistic) -> dict[str, QuantizedWeight]:
+                 guide: Guide = Guide()) -> dict[str, QuantizedWeight]:
     """Scale, clip and quantize every block in place; returns the integer record per Linear."""
     stats = activation_statistics(model, calibration)
     arch = architecture_of(model)
     blocks = model.get_submodule(arch.blocks)
     x, kwargs = block_inputs(model, blocks, calibration[: config.search_rows])
+    quantized_prefix = config.propagate == "quant"
+    if quantized_prefix:  # every row follows the quantized prefix, for the statistics
+        x_all, kwargs_all = block_inputs(model, blocks, calibration)
     inspected = {g.inspect for g in arch.groups}
     weights: dict[str, QuantizedWeight] = {}
     for index in progress(range(len(blocks)), f"{config.method} blocks", "block"):
         block = blocks[index]
         groups = active_groups(arch, block)
+        if quantized_prefix:
+            last = min(index + guide.lookahead, len(blocks) - 1)
+            measure_statistics(stats, arch, blocks, index, last, x_all, kwargs_all)
         fp = run_block(block, x, kwargs, set(arch.linears) | inspected, inspected)
-        scales = [search_scale(block, g, fp, stats_hook(stats, index, g), config.scheme, config.grid)
-                  for g in groups]
+        losses = ([window_loss(blocks, index, guide.loss_window, x, kwargs)] * len(groups) if guide.loss_window
+                  else [local_loss(block, g, fp) for g in groups])
+        scales = [search_scale(block, g, guide.statistic(stats, index, g), config, loss)
+                  for g, loss in zip(groups, losses, strict=True)]
         for group, s in zip(groups, scales, strict=True):
             apply_scale(block, group, s)
         scaled = run_block(block, x, kwargs, set(arch.linears)) if config.clip else fp
         weights.update(_quantize_block(block, f"{arch.blocks}.{index}", arch, scaled, config))
-        x = fp.block_out  # full-precision propagation: the next block sees the FP output
+        if quantized_prefix:
+            x = run_block(block, x, kwargs, set()).block_out
+            x_all = run_block(block, x_all, kwargs_all, set()).block_out
+        else:
+            x = fp.block_out  # full-precision propagation (AutoAWQ): the next block sees the FP output
     return weights

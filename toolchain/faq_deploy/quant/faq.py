@@ -6,6 +6,12 @@ group G before the first block is quantized: that is FAQ's pre-pass. For block b
 f_b = Σ_k ω_k · a_{b+k,G} / m(a_{b+k,G}) over the available window (unit mean, so that
 large-magnitude layers do not dominate), and the search uses
 ã_{b,G} = (1 − γ)·a_{b,G} + γ·m(a_{b,G})·f_b. With γ = 0, or an empty window, this is AWQ.
+
+The FAQ_SPEC §3 ablation switches: `last_blocks="virtual"` lets the final norm's input stand in for
+a block past the last one (residual groups); `future_stats="lookahead"` (with propagate="quant")
+measures the future blocks from the quantized prefix instead of the FP pre-pass;
+`objective="window"` scores each candidate at the output of blocks b..b+j instead of the
+inspected module.
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ from transformers import PreTrainedModel
 
 from faq_deploy.architectures import ScalingGroup
 from faq_deploy.errors import InvalidQuantConfig
-from faq_deploy.quant.awq import AwqConfig, Statistics, quantize_awq
+from faq_deploy.quant.awq import FINAL, AwqConfig, Guide, Statistics, quantize_awq
 from faq_deploy.quant.quantizer import QuantizedWeight
 
 WINDOW_WEIGHTS = ("uniform", "geometric")
 SCOPES = ("residual", "all")
+LAST_BLOCKS = ("truncate", "virtual")
+FUTURE_STATS = ("prepass", "lookahead")
+OBJECTIVES = ("local", "window")
 
 
 @dataclass(frozen=True)
@@ -35,16 +44,23 @@ class FaqConfig(AwqConfig):
     window_weights: str = "uniform"  # or "geometric": ω_k ∝ rho^(k−1)
     rho: float = 0.5
     scope: str = "residual"         # residual: only groups fed by the residual stream; all: every group
+    last_blocks: str = "truncate"   # or virtual: the final norm's input is one more future layer
+    future_stats: str = "prepass"   # or lookahead (needs propagate=quant)
+    objective: str = "local"        # or window: candidates scored at the output of blocks b..b+j
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        choices = {"window_weights": WINDOW_WEIGHTS, "scope": SCOPES, "last_blocks": LAST_BLOCKS,
+                   "future_stats": FUTURE_STATS, "objective": OBJECTIVES}
         problems = [
             f"gamma={self.gamma} (0…1)" if not 0 <= self.gamma <= 1 else "",
             f"window={self.window} (≥ 1)" if self.window < 1 else "",
-            f"window_weights={self.window_weights!r} ({'/'.join(WINDOW_WEIGHTS)})"
-            if self.window_weights not in WINDOW_WEIGHTS else "",
             f"rho={self.rho} (0 < rho ≤ 1)" if not 0 < self.rho <= 1 else "",
-            f"scope={self.scope!r} ({'/'.join(SCOPES)})" if self.scope not in SCOPES else "",
+            *(f"{name}={getattr(self, name)!r} ({'/'.join(allowed)})"
+              for name, allowed in choices.items() if getattr(self, name) not in allowed),
+            # from the FP prefix the lookahead would re-measure exactly the pre-pass
+            "future_stats='lookahead' needs propagate='quant'"
+            if self.future_stats == "lookahead" and self.propagate != "quant" else "",
         ]
         if problems := [p for p in problems if p]:
             raise InvalidQuantConfig(f"FAQ settings out of range: {', '.join(problems)}",
@@ -59,17 +75,36 @@ class FaqConfig(AwqConfig):
         return self.scope == "all" or group.residual
 
 
+def future(config: FaqConfig, stats: Statistics, index: int, group: ScalingGroup) -> list[torch.Tensor]:
+    """a_{b+k,G} for k = 1 … j, as far as blocks exist; with last_blocks=virtual a residual group
+    also sees the final norm's input, which lives in the same residual coordinates."""
+    found = []
+    for k in range(1, config.window + 1):
+        key = (index + k, group.name)
+        if key not in stats and config.last_blocks == "virtual" and group.residual:
+            key = (index + k, FINAL)
+        if key not in stats:
+            break
+        found.append(stats[key])
+    return found
+
+
 def mix(config: FaqConfig, stats: Statistics, index: int, group: ScalingGroup) -> torch.Tensor:
     """ã_{b,G}: the block's own statistic mixed with the normalised profile of the next blocks."""
     a = stats[index, group.name]
-    available = sum(1 for k in range(1, config.window + 1) if (index + k, group.name) in stats)
-    if config.gamma == 0 or available == 0 or not config.mixes(group):
+    ahead = future(config, stats, index, group)
+    if config.gamma == 0 or not ahead or not config.mixes(group):
         return a
-    future = sum(w * stats[index + k, group.name] / stats[index + k, group.name].mean()
-                 for k, w in enumerate(config.window_weights_for(available), start=1))
-    return (1 - config.gamma) * a + config.gamma * a.mean() * future
+    profile = sum(w * f / f.mean() for w, f in zip(config.window_weights_for(len(ahead)), ahead, strict=True))
+    return (1 - config.gamma) * a + config.gamma * a.mean() * profile
+
+
+def guide(config: FaqConfig) -> Guide:
+    return Guide(statistic=partial(mix, config),
+                 lookahead=config.window if config.future_stats == "lookahead" else 0,
+                 loss_window=config.window if config.objective == "window" else 0)
 
 
 def quantize_faq(model: PreTrainedModel, config: FaqConfig,
                  calibration: torch.Tensor) -> dict[str, QuantizedWeight]:
-    return quantize_awq(model, config, calibration, partial(mix, config))
+    return quantize_awq(model, config, calibration, guide(config))
