@@ -29,7 +29,9 @@ folder = sys.argv[1]
 d = json.load(open(folder + "/genai_config.json"))["model"]["decoder"]
 try:
     s = ort.InferenceSession(folder + "/" + d["filename"], providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": np.array([[1]], np.int64), "attention_mask": np.ones((1, 1), np.int64)}
+    feeds = {"input_ids": np.array([[1]], np.int64), "attention_mask": np.ones((1, 1), np.int64),
+             "position_ids": np.zeros((1, 1), np.int64)}  # the dynamo exporter's graphs take positions
+    feeds = {k: v for k, v in feeds.items() if k in {i.name for i in s.get_inputs()}}
     for i in s.get_inputs():
         if i.name not in feeds:
             feeds[i.name] = np.zeros((1, d["num_key_value_heads"], 0, d["head_size"]), np.float32)
@@ -94,7 +96,7 @@ def main() -> None:
     lines += [f"| {r['target']} | {r['python']} | {r['glibc']} | {r['newest_wheel']} | "
               f"{r['file_says'] or '(no ceiling)'}{'' if r['agrees'] else ' **differs**'} |"
               for r in result["ceilings"]]
-    lines += ["", "## Oldest onnxruntime that runs the builder's graph (one token, CPU)", "",
+    lines += ["", f"## Oldest onnxruntime that runs {args.model} (one token, CPU)", "",
               "| onnxruntime | runs | error |", "|---|---|---|"]
     lines += [f"| {r['onnxruntime']} | {'yes' if r['runs'] else 'no'} | {r.get('error', '')} |"
               for r in result["floor"]]

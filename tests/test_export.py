@@ -1,4 +1,4 @@
-"""Export (onnxruntime-genai builder) and bundles, on the real default model and real sessions."""
+"""Export (onnxruntime-genai builder and torch.onnx dynamo) and bundles, on the real default model and real sessions."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from faq_deploy import bundle, checkpoint, models
-from faq_deploy.build import fake_quantize_tables
+from faq_deploy.build import MIN_AGREEMENT, fake_quantize_tables
 from faq_deploy.data import eval_tokens, load_corpus
+from faq_deploy.dynamo import export_dynamo
 from faq_deploy.errors import BundleInvalid, ExportError
 from faq_deploy.export import ExportOptions, check_codes, export_builder, quantize_tables
 from faq_deploy.parity import compare, onnx_logits
@@ -41,10 +42,19 @@ def quantized(request: pytest.FixtureRequest, real_cache: Path, tmp_path_factory
     return loaded, result, folder
 
 
+EXPORT = {"builder": export_builder, "dynamo": export_dynamo}
+
+
+@pytest.fixture(scope="module", params=list(EXPORT))
+def exporter(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def level0(quantized, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def level0(quantized, exporter: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The checkpoint exported with float activations: the graph that must match torch exactly."""
-    return export_builder(quantized[2], tmp_path_factory.mktemp("onnx") / "model", ExportOptions(accuracy_level=0))
+    return EXPORT[exporter](quantized[2], tmp_path_factory.mktemp("onnx") / "model",
+                            ExportOptions(exporter=exporter, accuracy_level=0))
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +69,15 @@ def test_level_0_export_carries_our_codes_and_matches_torch(quantized, level0: P
     assert parity.max_rel_diff <= 1e-4 and parity.argmax_agreement == 1.0, parity
 
 
-def test_level_4_export_keeps_perplexity_within_one_percent(quantized, eval_ids, tmp_path: Path) -> None:
+def test_level_4_export_keeps_perplexity_within_one_percent(quantized, exporter: str, eval_ids,
+                                                            tmp_path: Path) -> None:
     loaded, result, folder = quantized
-    model_dir = export_builder(folder, tmp_path / "model", ExportOptions(accuracy_level=4))
+    model_dir = EXPORT[exporter](folder, tmp_path / "model", ExportOptions(exporter=exporter, accuracy_level=4))
+    assert check_codes(model_dir, result.weights) == 210
     decoder = Decoder(model_dir)
-    # int8 activations: ~97% of next tokens agree on this model (see faq_deploy.build.MIN_AGREEMENT)
-    assert compare(loaded.model, decoder, eval_ids[:1000]).argmax_agreement >= 0.95
+    # int8 activations: 94.7-97% of next tokens agree on this model (see faq_deploy.build.MIN_AGREEMENT);
+    # the perplexity below is the sharper check
+    assert compare(loaded.model, decoder, eval_ids[:1000]).argmax_agreement >= MIN_AGREEMENT
     expected = perplexity(loaded.model, eval_ids).perplexity
     assert abs(perplexity(onnx_logits(decoder), eval_ids).perplexity / expected - 1) < 0.01
 
@@ -77,7 +90,7 @@ def test_a_changed_code_is_caught(quantized, level0: Path) -> None:
     codes = weights[name].codes.clone()
     codes[0, 0] = (codes[0, 0] + 1) % 8
     weights[name] = type(weights[name])(codes, weights[name].scales, weights[name].zeros, weights[name].scheme)
-    with pytest.raises(ExportError, match="layers.7/mlp/up_proj"):
+    with pytest.raises(ExportError, match="layers.7.mlp.up_proj"):  # the builder's "/", dynamo's "."
         check_codes(model_dir, weights)
     with pytest.raises(ExportError, match="no MatMulNBits node"):
         check_codes(model_dir, {**result.weights, "model.layers.99.mlp.up_proj": weights[name]})
@@ -119,13 +132,14 @@ def test_cached_decoding_equals_one_full_pass(level0: Path, eval_ids) -> None:
     assert np.abs(np.concatenate(steps) - full).max() <= 1e-4 * np.abs(full).max()
 
 
-@pytest.fixture(scope="module")
-def built(real_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """`faq-deploy build --target jetson` end to end (FAQ at a tiny calibration budget)."""
+@pytest.fixture(scope="module", params=list(EXPORT))
+def built(request: pytest.FixtureRequest, real_cache: Path, tmp_path_factory: pytest.TempPathFactory
+          ) -> tuple[Path, dict]:
+    """`faq-deploy build --target jetson` end to end with each exporter (FAQ at a tiny calibration budget)."""
     out = tmp_path_factory.mktemp("bundles") / "jetson"
-    done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetson", "--samples", "2", "--seq-len", "128",
-                           "--search-rows", "1", "--eval-tokens", "1024", "--out", str(out), "--json"],
-                          capture_output=True, text=True)
+    done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetson", "--exporter", request.param, "--samples", "2",
+                           "--seq-len", "128", "--search-rows", "1", "--eval-tokens", "1024", "--out", str(out),
+                           "--json"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return out, json.loads(done.stdout)
 
@@ -136,7 +150,7 @@ def test_build_writes_a_verified_bundle(built: tuple[Path, dict]) -> None:
     assert result["bundle_id"] == manifest["bundle_id"] and result["target"] == "jetson-orin-nano-8gb"
     assert manifest["quantization"]["method"] == "faq" and manifest["quantization"]["modules"] == 210
     assert manifest["quantization"]["calibration"]["samples"] == 2
-    assert manifest["export"]["accuracy_level"] == 4
+    assert manifest["export"]["accuracy_level"] == 4 and manifest["export"]["exporter"] in EXPORT
     assert manifest["export"]["lm_head"] == manifest["export"]["embedding"] == "int8"
     graph = onnx.load(str(out / "model" / "model.onnx"), load_external_data=False)
     head = next(n for n in graph.graph.node if n.output[0] == "logits")

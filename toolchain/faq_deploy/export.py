@@ -2,7 +2,8 @@
 
 The onnxruntime-genai model builder reads the checkpoint and emits the fused graph (packed QKV,
 GroupQueryAttention, MatMulNBits) with genai_config.json and the tokenizer. We then prove that our
-integer codes arrived unchanged and set each node's accuracy level from the target.
+integer codes arrived unchanged and set each node's accuracy level from the target. Architectures
+the builder lacks go through faq_deploy.dynamo instead; the table and code checks here serve both.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ MODEL_FILE = "model.onnx"
 # the default model (RTN w4 g32 blocks, 4,096 eval tokens) that costs 9% perplexity (23.32 → 25.46),
 # so they stay float: 96 MB more for SmolLM2-135M, and parity with the torch model stays exact.
 _FLOAT_NODES = "/lm_head/MatMul,/model/embed_tokens/Gather"
-_LM_HEAD = "/lm_head/MatMul"
-_EMBEDDING = "/model/embed_tokens/Gather"
+LM_HEAD_NODE = "/lm_head/MatMul"
+EMBEDDING_NODE = "/model/embed_tokens/Gather"
 # The lm_head and the embedding table are then each float or our RTN in blocks of 32 at 8 or 4 bits:
 # the head as MatMulNBits (the largest weight a decode step reads: 113 of 184 MB on the default
 # model, float; 30 MB at 8 bits), the table as GatherBlockQuantized (only the rows of the prompt
@@ -38,6 +39,8 @@ _EMBEDDING = "/model/embed_tokens/Gather"
 TABLE_SCHEMES = {"int8": QuantScheme(8, 32), "int4": QuantScheme(4, 32)}
 TABLE_KINDS = ("float", *TABLE_SCHEMES)
 PROVIDERS = ("cpu", "cuda")
+# builder: onnxruntime-genai's fused graph (the default); dynamo: torch.onnx, for what the builder lacks
+EXPORTERS = ("builder", "dynamo")
 # The builder writes 4-bit containers only (`-p int4`): 3-bit codes fit one, 2- and 8-bit do not.
 BUILDER_BITS = (3, 4)
 # Builder node names → the checkpoint modules each node computes, concatenated along N in order.
@@ -48,6 +51,7 @@ _PREFIX = {"attn": "self_attn", "mlp": "mlp"}
 
 @dataclass(frozen=True)
 class ExportOptions:
+    exporter: str = "builder"  # one of EXPORTERS
     provider: str = "cpu"
     accuracy_level: int = 4  # 4: int8 activations, the fast CPU path; 0: float activations
     lm_head: str = "int8"    # one of TABLE_KINDS
@@ -57,6 +61,8 @@ class ExportOptions:
         for part, kind in (("lm_head", self.lm_head), ("embedding", self.embedding)):
             if kind not in TABLE_KINDS:
                 raise ExportError(f"unknown {part} kind {kind!r}", f"use one of {', '.join(TABLE_KINDS)}")
+        if self.exporter not in EXPORTERS:
+            raise ExportError(f"unknown exporter {self.exporter!r}", f"use one of {', '.join(EXPORTERS)}")
         if self.provider not in PROVIDERS:
             raise ExportError(f"unknown execution provider {self.provider!r}", f"use one of {', '.join(PROVIDERS)}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -73,7 +79,7 @@ def export_builder(checkpoint: Path, out: Path, options: ExportOptions) -> Path:
         if done.returncode != 0 or not (tmp / MODEL_FILE).exists():
             last = (done.stderr.strip().splitlines() or ["no model.onnx was written"])[-1]
             raise ExportError(f"the onnxruntime-genai builder failed: {last}",
-                              "report the model's architecture (the dynamo exporter is not built yet)")
+                              "try --exporter dynamo, or report the model's architecture")
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
     return out
 
@@ -86,14 +92,19 @@ def quantize_tables(folder: Path, head: QuantizedWeight | None, embedding: Quant
     graph = model.graph
     _untie(graph)
     if head is not None:
-        node = _find(graph, _LM_HEAD, "MatMul", "--lm-head float")
-        _replace(graph, node, head, "MatMulNBits", "lm_head", [node.input[0]],
+        node = _find(graph, LM_HEAD_NODE, "MatMul", "--lm-head float")
+        replace_node(graph, node, head, "MatMulNBits", "lm_head", [node.input[0]],
                  dict(K=head.shape[1], N=head.shape[0], accuracy_level=accuracy_level))
     if embedding is not None:
-        node = _find(graph, _EMBEDDING, "Gather", "--embedding float")
-        _replace(graph, node, embedding, "GatherBlockQuantized", "model.embed_tokens", [node.input[1]],
+        node = _find(graph, EMBEDDING_NODE, "Gather", "--embedding float")
+        replace_node(graph, node, embedding, "GatherBlockQuantized", "model.embed_tokens", [node.input[1]],
                  dict(gather_axis=0, quantize_axis=1))
-    (folder / f"{MODEL_FILE}.data").unlink()  # onnx appends to an existing data file
+    (folder / f"{MODEL_FILE}.data").unlink()
+    save_graph(model, folder)
+
+
+def save_graph(model: onnx.ModelProto, folder: Path) -> None:
+    """model.onnx with its weights in model.onnx.data (which must not exist: onnx appends to it)."""
     onnx.save_model(model, str(folder / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=f"{MODEL_FILE}.data", size_threshold=1024)
 
@@ -102,7 +113,7 @@ def _untie(graph: onnx.GraphProto) -> None:
     """The builder reads a tied embedding through a Transpose of the head's weight: give that Gather
     its own float table (the transposed copy onnxruntime made at load anyway), so either can change."""
     init = {t.name: t for t in graph.initializer}
-    head = _find(graph, _LM_HEAD, "MatMul", "report this model's architecture")
+    head = _find(graph, LM_HEAD_NODE, "MatMul", "report this model's architecture")
     for node in [n for n in graph.node if n.op_type == "Transpose" and n.input[0] == head.input[1]]:
         table = numpy_helper.to_array(init[head.input[1]]).T
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table), "model.embed_tokens.weight"))
@@ -118,7 +129,7 @@ def _find(graph: onnx.GraphProto, name: str, op_type: str, hint: str) -> onnx.No
     return node
 
 
-def _replace(graph: onnx.GraphProto, node: onnx.NodeProto, weight: QuantizedWeight, op_type: str, prefix: str,
+def replace_node(graph: onnx.GraphProto, node: onnx.NodeProto, weight: QuantizedWeight, op_type: str, prefix: str,
              inputs: list[str], attributes: dict[str, int]) -> None:
     """Swap `node` for an `op_type` node over `weight`'s packed codes, scales and zero points (both
     ops take MatMulNBits' layout: rows of blocks, low bits first); its float weight goes."""
@@ -142,11 +153,13 @@ def _replace(graph: onnx.GraphProto, node: onnx.NodeProto, weight: QuantizedWeig
 
 
 def _node_modules(node_name: str) -> list[str] | None:
-    match = _NODE.match(node_name)
-    if match is None:
-        return None
-    layer, part, proj = match.groups()
-    return [f"model.layers.{layer}.{_PREFIX[part]}.{p}" for p in _FUSED.get(proj, (proj,))]
+    """The checkpoint modules a MatMulNBits node computes: by the builder's names (q/k/v and gate/up
+    fused) or the dynamo exporter's (`<module>/MatMulNBits`); None for the lm_head (`/lm_head/…`)."""
+    if match := _NODE.match(node_name):
+        layer, part, proj = match.groups()
+        return [f"model.layers.{layer}.{_PREFIX[part]}.{p}" for p in _FUSED.get(proj, (proj,))]
+    module, _, op = node_name.rpartition("/")
+    return [module] if op == "MatMulNBits" and module and not module.startswith("/") else None
 
 
 def check_codes(folder: Path, weights: dict[str, QuantizedWeight]) -> int:

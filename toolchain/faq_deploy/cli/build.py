@@ -11,7 +11,7 @@ import click
 from faq_deploy.build import fit_lines, run_build
 from faq_deploy.cli.options import emit, json_option, load_targets, model_option, targets_dir_option
 from faq_deploy.cli.quant_options import method_option, quant_options, quant_request
-from faq_deploy.export import TABLE_KINDS, ExportOptions
+from faq_deploy.export import EXPORTERS, TABLE_KINDS, ExportOptions
 
 
 @click.command("build")
@@ -22,6 +22,9 @@ from faq_deploy.export import TABLE_KINDS, ExportOptions
 @quant_options
 @click.option("--out", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Bundle folder to write (replaced when the build succeeds) [default: build/<model>-<target>].")
+@click.option("--exporter", type=click.Choice(EXPORTERS), default=ExportOptions.exporter, show_default=True,
+              help="builder: onnxruntime-genai's fused graph; dynamo: torch.onnx (opset 23) for architectures the "
+                   "builder does not know (float32, CPU provider; about 1.5 min for the default model).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="MatMulNBits activations: 4 = int8 (fast on CPU), 0 = float32 [default: the target's].")
 @click.option("--lm-head", type=click.Choice(TABLE_KINDS), default=ExportOptions.lm_head, show_default=True,
@@ -41,7 +44,7 @@ from faq_deploy.export import TABLE_KINDS, ExportOptions
 @click.option("--tar", is_flag=True, help="Also write <out>.tar of the bundle.")
 @targets_dir_option
 @json_option
-def build_cmd(target_name: str | None, model_spec: str | None, method: str, out: Path | None,
+def build_cmd(target_name: str | None, model_spec: str | None, method: str, out: Path | None, exporter: str,
               accuracy_level: int | None, lm_head: str, embedding: str, eval_tokens: int, context: int | None,
               force: bool, wheelhouse: bool, tar: bool, targets_dirs: tuple[Path, ...], as_json: bool,
               **options: Any) -> None:
@@ -51,8 +54,8 @@ def build_cmd(target_name: str | None, model_spec: str | None, method: str, out:
     and the checks: providers and onnxruntime line, memory fit, decode-speed ceiling. They run on an
     estimate right after loading, so a build that cannot work stops in seconds.
 
-    Stages: load → calibrate and quantize → export with the onnxruntime-genai builder (our integer
-    codes are read back and compared) → parity with the quantized torch model → perplexity of the
+    Stages: load → calibrate and quantize → export with the onnxruntime-genai builder or torch.onnx
+    (our integer codes are read back and compared) → parity with the quantized torch model → perplexity of the
     exported graph → bundle (model/, manifest.json, REPORT.md). Nothing is written at --out unless
     every stage passes.
 
@@ -65,7 +68,8 @@ def build_cmd(target_name: str | None, model_spec: str | None, method: str, out:
     config, calibration = quant_request(method, options, (target.build.bits, target.build.group))
     level = target.build.accuracy_level if accuracy_level is None else accuracy_level
     provider = "cuda" if target.build.providers[:1] == ("CUDA",) else "cpu"
-    export = ExportOptions(provider=provider, accuracy_level=level, lm_head=lm_head, embedding=embedding)
+    export = ExportOptions(exporter=exporter, provider=provider, accuracy_level=level, lm_head=lm_head,
+                           embedding=embedding)
     out = out or Path("build") / f"{(model_spec or 'smollm2').split('/')[-1].lower()}-{target.name}"
     result = run_build(model_spec, config, calibration, target, out, export, eval_tokens,
                        context or target.build.context, force=force, wheels=wheelhouse, tar=tar)
