@@ -35,23 +35,23 @@ def build(target: str, exporter: str, method: str, bits: int, work: Path) -> dic
 
 
 def markdown(rows: list[dict], gguf_bytes: int, command: str) -> str:
-    stages = list(rows[0]["seconds"])
+    stages = [name.split(" ")[0] for name in rows[0]["seconds"]]  # "quantize (faq)" → "quantize": same order
     lines = [f"# `faq-deploy build` on {rows[0]['model']}", "", f"`{command}`", "",
              f"Float32 model {rows[0]['float_bytes'] / MB:.1f} MB; the Q4_1 GGUF it ships as {gguf_bytes / MB:.1f} MB. "
              f"Perplexity on {rows[0]['eval_tokens']} tokens of speeches-eval (the bundle through onnxruntime at "
              f"{rows[0]['target']}'s accuracy level); agreement: next-token argmax against the quantized torch "
              f"model on 1,024 tokens.", "",
              "| exporter | method | bundle MB | vs float32 | vs GGUF | perplexity float → bundle | agreement | "
-             + " | ".join(s.split(" ")[0] + " s" for s in stages) + " | total s |",
+             + " | ".join(f"{stage} s" for stage in stages) + " | total s |",
              "|---|---|---|---|---|---|---|" + "---|" * (len(stages) + 1)]
     for r in rows:
-        seconds = [r["seconds"][s] for s in stages]
+        seconds = list(r["seconds"].values())
         lines.append(
             f"| {r['exporter']} | {r['method']} w{r['bits']} g{r['group']} | {r['bundle_bytes'] / MB:.1f} | "
             f"{r['bundle_bytes'] / r['float_bytes']:.2f}× | {r['bundle_bytes'] / gguf_bytes:.2f}× | "
             f"{r['perplexity_float']:.2f} → {r['perplexity_bundle']:.2f} | {r['parity']['argmax_agreement']:.1%} | "
             + " | ".join(f"{s:.0f}" for s in seconds) + f" | {sum(seconds):.0f} |")
-    lines += ["", "Stages: " + "; ".join(stages) + "."]
+    lines += ["", "Stages: " + "; ".join(rows[0]["seconds"]) + "."]
     return "\n".join(lines) + "\n"
 
 

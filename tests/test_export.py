@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from tiny_models import TINY, tiny_calibration, tiny_model
 
 from faq_deploy import bundle, checkpoint, models
 from faq_deploy.build import MIN_AGREEMENT, fake_quantize_tables
@@ -206,3 +207,15 @@ def test_unknown_target_suggests_the_closest(real_cache: Path) -> None:
     done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetsn"], capture_output=True, text=True)
     assert done.returncode == 10 and "jetson" in done.stderr
 
+
+
+@pytest.mark.parametrize("architecture", list(TINY))
+def test_dynamo_exports_each_registered_layout(architecture: str, default_model, tmp_path: Path) -> None:
+    """The fallback on tiny LLaMA, Mistral, Qwen2 (q/k/v bias: MatMulNBits then Add) and Qwen3 (q/k
+    norms) models: every Linear carried as our codes, logits equal to the fake-quantized model's."""
+    result = quantize(tiny_model(architecture), make_config("rtn", QuantScheme(4, 16)))
+    folder = checkpoint.save(result, default_model.tokenizer, default_model.ref, tmp_path / "ckpt")
+    model_dir = export_dynamo(folder, tmp_path / "model", ExportOptions(exporter="dynamo", accuracy_level=0))
+    assert check_codes(model_dir, result.weights) == len(result.weights) == 7 * 3
+    parity = compare(result.model, Decoder(model_dir), tiny_calibration(1, 48)[0])
+    assert parity.max_rel_diff <= 1e-4 and parity.argmax_agreement == 1.0, parity
