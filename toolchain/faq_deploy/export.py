@@ -94,11 +94,11 @@ def quantize_tables(folder: Path, head: QuantizedWeight | None, embedding: Quant
     if head is not None:
         node = _find(graph, LM_HEAD_NODE, "MatMul", "--lm-head float")
         replace_node(graph, node, head, "MatMulNBits", "lm_head", [node.input[0]],
-                 dict(K=head.shape[1], N=head.shape[0], accuracy_level=accuracy_level))
+                     dict(K=head.shape[1], N=head.shape[0], accuracy_level=accuracy_level))
     if embedding is not None:
         node = _find(graph, EMBEDDING_NODE, "Gather", "--embedding float")
         replace_node(graph, node, embedding, "GatherBlockQuantized", "model.embed_tokens", [node.input[1]],
-                 dict(gather_axis=0, quantize_axis=1))
+                     dict(gather_axis=0, quantize_axis=1))
     (folder / f"{MODEL_FILE}.data").unlink()
     save_graph(model, folder)
 
@@ -130,7 +130,7 @@ def _find(graph: onnx.GraphProto, name: str, op_type: str, hint: str) -> onnx.No
 
 
 def replace_node(graph: onnx.GraphProto, node: onnx.NodeProto, weight: QuantizedWeight, op_type: str, prefix: str,
-             inputs: list[str], attributes: dict[str, int]) -> None:
+                 inputs: list[str], attributes: dict[str, int]) -> None:
     """Swap `node` for an `op_type` node over `weight`'s packed codes, scales and zero points (both
     ops take MatMulNBits' layout: rows of blocks, low bits first); its float weight goes."""
     init = {t.name: t for t in graph.initializer}
