@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -22,8 +23,10 @@ from conftest import FAQ_DEPLOY
 from sshd import FaultProxy, Sshd
 
 from faq_deploy import bundle
-from faq_deploy.errors import DiskFull
+from faq_deploy.errors import ConnectionFailed, DiskFull
 from faq_deploy.push import deploy, inventory, sshconfig
+from faq_deploy.push.connection import connect
+from faq_deploy.push.device import Device
 from faq_runtime.bundle import MANIFEST
 
 pytestmark = pytest.mark.heavy
@@ -192,6 +195,16 @@ def test_a_stalled_link_ends_in_a_timeout_not_a_hang(proxied: Box, proxy: FaultP
     assert done.returncode == 14, done.stderr
     assert "no progress for 3 s" in done.stderr
     assert proxied.link("current") is None
+
+
+def test_a_link_that_dies_under_the_lock_reports_the_failure_not_an_error_from_closing(box: Box) -> None:
+    """paramiko raises EOFError when a channel is closed on a socket that is gone before its reader
+    thread noticed: releasing the lock must not put that in place of the failure being reported."""
+    with connect(sshconfig.resolve(box.alias, sshconfig.load(box.config))) as connection:
+        device = Device(connection, str(box.root))
+        with pytest.raises(ConnectionFailed), device.locked("test", 1.0, lambda holder: None):
+            connection.transport.sock.shutdown(socket.SHUT_WR)
+            device.op("state")
 
 
 def test_a_corrupted_staged_file_is_detected_deleted_and_sent_again(box: Box, bundles: dict) -> None:

@@ -64,7 +64,7 @@ class Connection:
             raise ConnectionFailed(f"{self.host}: the link failed while `{command[:60]}` ran ({exc})",
                                    "re-run when the device is reachable") from None
         finally:
-            channel.close()
+            close_quietly(channel)
 
     def rtt(self, timeout: float) -> float:
         """One round trip to the device's sshd (a keepalive request it must answer), in seconds.
@@ -102,6 +102,15 @@ class Connection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def close_quietly(closable: paramiko.Channel | paramiko.SFTPClient) -> None:
+    """Close on a link that may be dead. paramiko sends a close message and raises EOFError when the
+    socket is gone before its reader thread noticed; that must not replace the failure being reported."""
+    try:
+        closable.close()
+    except (OSError, paramiko.SSHException, EOFError):
+        pass
 
 
 def handshake(host: HostConfig, sock: socket.socket | paramiko.Channel | None = None

@@ -16,7 +16,7 @@ from typing import Any
 import paramiko
 
 from faq_deploy.errors import ConnectionFailed, DeviceBusy, TransferFailed
-from faq_deploy.push.connection import Connection
+from faq_deploy.push.connection import Connection, close_quietly
 from faq_runtime import agent, probe
 
 DEFAULT_ROOT = "~/.local/share/faq-deploy"
@@ -51,7 +51,7 @@ class Device:
         except (OSError, paramiko.SSHException) as exc:
             raise ConnectionFailed(f"{connection.host}: cannot write to {self.root} ({exc})", "re-run") from None
         finally:
-            sftp.close()
+            close_quietly(sftp)
 
     def tool(self, module: Any) -> str:
         return posixpath.join(self.root, TOOLS, os.path.basename(module.__file__))
@@ -90,7 +90,7 @@ class Device:
             self._acquire(channel, owner, wait, on_wait)
             yield
         finally:
-            channel.close()
+            close_quietly(channel)
 
     def _acquire(self, channel: paramiko.Channel, owner: str, wait: float, on_wait: Callable[[str], None]) -> None:
         try:

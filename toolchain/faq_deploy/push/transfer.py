@@ -20,7 +20,7 @@ from pathlib import Path
 import paramiko
 
 from faq_deploy.errors import ConnectionFailed
-from faq_deploy.push.connection import Connection
+from faq_deploy.push.connection import Connection, close_quietly
 
 PART = ".part"
 _CHUNK = 1 << 20
@@ -110,7 +110,7 @@ def _worker(connection: Connection, local_root: Path, staging: str, todo: queue.
                     return
                 _send(sftp, local_root / piece.path, posixpath.join(staging, piece.path + PART), piece, link)
         finally:
-            sftp.close()
+            close_quietly(sftp)
     except (OSError, paramiko.SSHException, EOFError, ConnectionFailed) as exc:
         link.failure = link.failure or exc
 
