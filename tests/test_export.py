@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from genai import genai_greedy
+from onnx import TensorProto
 from tiny_models import TINY, tiny_calibration, tiny_model
 
 from faq_deploy import bundle, checkpoint, models
@@ -23,10 +25,12 @@ from faq_deploy.errors import BundleInvalid, ExportError
 from faq_deploy.export import ExportOptions, check_codes, export_builder, quantize_tables
 from faq_deploy.parity import compare, onnx_logits
 from faq_deploy.perplexity import perplexity
+from faq_deploy.qdq import QDQ_ACCURACY_LEVEL, to_qdq
 from faq_deploy.quant import make_config, quantize
 from faq_deploy.quant.packing import MatMulNBitsWeights, from_matmulnbits
 from faq_deploy.quant.scheme import QuantScheme
 from faq_runtime.bundle import MANIFEST
+from faq_runtime.load import LoadOptions, load
 from faq_runtime.model import Decoder
 
 pytestmark = pytest.mark.heavy
@@ -131,6 +135,43 @@ def test_cached_decoding_equals_one_full_pass(level0: Path, eval_ids) -> None:
         logits, cache = decoder.forward(ids[:, i:i + 1], cache)
         steps.append(logits[0])
     assert np.abs(np.concatenate(steps) - full).max() <= 1e-4 * np.abs(full).max()
+
+
+def test_the_qdq_rewrite_of_each_export_computes_what_its_matmulnbits_graph_computes(level0: Path, eval_ids,
+                                                                                   tmp_path: Path) -> None:
+    folder = shutil.copytree(level0, tmp_path / "model")
+    nodes = sum(n.op_type == "MatMulNBits" for n in onnx.load(str(folder / "model.onnx")).graph.node)
+    assert to_qdq(folder) == nodes > 0
+    assert not any(n.op_type == "MatMulNBits" for n in onnx.load(str(folder / "model.onnx")).graph.node)
+    ids = eval_ids[:256].tolist()
+    expected = Decoder(level0).logits(ids)
+    actual = Decoder(folder, config={QDQ_ACCURACY_LEVEL: "0"}).logits(ids)
+    assert np.abs(actual - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_a_tensorrt_bundle_carries_signed_qdq_weights_that_both_runtimes_run(real_cache: Path,
+                                                                             tmp_path: Path) -> None:
+    """`--weights qdq --symmetric`: every quantized weight, the int8 lm_head too, as DequantizeLinear of
+    signed codes with no zero point (the form TensorRT takes) → MatMul."""
+    out = tmp_path / "trt"
+    done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetson", "--method", "rtn", "--symmetric", "--weights",
+                           "qdq", "--eval-tokens", "256", "--out", str(out), "--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert json.loads((out / MANIFEST).read_text())["export"]["weights"] == "qdq"
+    assert result["perplexity_bundle"] < 1.5 * result["perplexity_float"]
+    graph = onnx.load(str(out / "model" / "model.onnx"), load_external_data=False).graph
+    init = {t.name: t.data_type for t in graph.initializer}
+    made_by = {n.output[0]: n for n in graph.node}
+    dequantized = [made_by[n.input[1]] for n in graph.node if n.op_type == "MatMul" and n.input[1] in made_by]
+    assert not any(n.op_type == "MatMulNBits" for n in graph.node)
+    assert len(dequantized) == sum(n.op_type == "DequantizeLinear" for n in graph.node) > 100
+    assert {(init[n.input[0]], len(n.input)) for n in dequantized} == {(TensorProto.INT4, 2), (TensorProto.INT8, 2)}
+    assert made_by[made_by["logits"].input[1]].op_type == "DequantizeLinear"
+    generator = load(out, LoadOptions(check_device=False))
+    ids = generator.encode("My fellow citizens,")
+    ours = list(generator.tokens(ids, 16))
+    assert len(set(ours)) > 4 and ours == genai_greedy(out / "model", ids, 16)
 
 
 @pytest.fixture(scope="module", params=list(EXPORT))

@@ -14,21 +14,33 @@ from faq_deploy.quant.quantizer import quantize_weight
 from faq_deploy.quant.scheme import QuantScheme
 
 
-def run_matmulnbits(a: np.ndarray, w: MatMulNBitsWeights, accuracy_level: int = 0) -> np.ndarray:
+def matmulnbits_model(k: int, w: MatMulNBitsWeights, accuracy_level: int = 0) -> onnx.ModelProto:
+    """One MatMulNBits node, Y = A · Wᵀ, for any number of rows of A."""
     node = helper.make_node(
-        "MatMulNBits", ["A", "B", "scales", "zero_points"], ["Y"], domain="com.microsoft",
+        "MatMulNBits", ["A", "B", "scales", "zero_points"], ["Y"], name="/proj/MatMulNBits", domain="com.microsoft",
         K=w.k, N=w.n, bits=w.bits, block_size=w.block_size, accuracy_level=accuracy_level)
     graph = helper.make_graph(
         [node], "one_matmulnbits",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, list(a.shape))],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [a.shape[0], w.n])],
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["rows", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["rows", w.n])],
         initializer=[numpy_helper.from_array(w.b, "B"), numpy_helper.from_array(w.scales, "scales"),
                      numpy_helper.from_array(w.zero_points, "zero_points")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                     helper.make_opsetid("com.microsoft", 1)])
     onnx.checker.check_model(model)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return model
+
+
+def run_model(model: onnx.ModelProto, a: np.ndarray, **config: str) -> np.ndarray:
+    options = ort.SessionOptions()
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"A": a})[0]
+
+
+def run_matmulnbits(a: np.ndarray, w: MatMulNBitsWeights, accuracy_level: int = 0) -> np.ndarray:
+    return run_model(matmulnbits_model(a.shape[1], w, accuracy_level), a)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -9,7 +9,7 @@ outputs): `input_ids`, `attention_mask`, optional `position_ids`, and per layer
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,12 +63,15 @@ class Decoder:
     """One session over a model folder; `forward` runs a chunk of tokens after a cache."""
 
     def __init__(self, folder: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, config: Mapping[str, str] | None = None) -> None:
+        """`config`: onnxruntime session config entries (e.g. session.qdq_matmulnbits_accuracy_level)."""
         self.folder = Path(folder)
         self.spec = DecoderSpec.read(self.folder)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in (config or {}).items():
+            options.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(str(self.folder / self.spec.filename), options,
                                             providers=list(providers))
         self.input_names = {i.name for i in self.session.get_inputs()}

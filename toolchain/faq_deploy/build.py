@@ -10,7 +10,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from faq_deploy.fetch import folder_bytes
 from faq_deploy.jobs import quantize_loaded
 from faq_deploy.parity import Parity, compare, onnx_logits
 from faq_deploy.perplexity import perplexity
+from faq_deploy.qdq import to_qdq
 from faq_deploy.quant import describe
 from faq_deploy.quant.quantizer import QuantizedWeight, quantize_linear_
 from faq_deploy.quant.scheme import MethodConfig
@@ -79,12 +80,15 @@ def _stage(number: int, name: str, seconds: dict[str, float]) -> Iterator[None]:
     seconds[name] = round(time.perf_counter() - start, 2)
 
 
-def fake_quantize_tables(model: nn.Module, export: ExportOptions) -> tuple[QuantizedWeight | None, ...]:
+def fake_quantize_tables(model: nn.Module, export: ExportOptions, symmetric: bool = False
+                         ) -> tuple[QuantizedWeight | None, ...]:
     """Untie the lm_head from the embedding and fake-quantize each that the export stores quantized,
-    as it stores it, so the parity check compares like with like: (head, embedding), None if float."""
+    as it stores it, so the parity check compares like with like: (head, embedding), None if float.
+    `symmetric` follows the blocks' scheme (TensorRT's QDQ form takes no zero points)."""
     head, table = model.get_output_embeddings(), model.get_input_embeddings()
     head.weight = nn.Parameter(head.weight.detach().clone())
-    return tuple(quantize_linear_(module, TABLE_SCHEMES[kind]) if kind in TABLE_SCHEMES else None
+    return tuple(quantize_linear_(module, replace(TABLE_SCHEMES[kind], symmetric=symmetric))
+                 if kind in TABLE_SCHEMES else None
                  for module, kind in ((head, export.lm_head), (table, export.embedding)))
 
 
@@ -124,7 +128,10 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             model_dir = _EXPORT[export.exporter](ckpt, work / "model", export)
             modules = check_codes(model_dir, quantized.weights)
             if TABLE_SCHEMES.keys() & {export.lm_head, export.embedding}:
-                quantize_tables(model_dir, *fake_quantize_tables(quantized.model, export), export.accuracy_level)
+                quantize_tables(model_dir, *fake_quantize_tables(quantized.model, export, config.scheme.symmetric),
+                                export.accuracy_level)
+            if export.weights == "qdq":
+                to_qdq(model_dir)
         with _stage(4, "parity with the quantized torch model", seconds):
             decoder = Decoder(model_dir)
             parity = compare(quantized.model, decoder, ids[:PARITY_TOKENS])

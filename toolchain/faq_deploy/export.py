@@ -41,6 +41,8 @@ TABLE_KINDS = ("float", *TABLE_SCHEMES)
 PROVIDERS = ("cpu", "cuda")
 # builder: onnxruntime-genai's fused graph (the default); dynamo: torch.onnx, for what the builder lacks
 EXPORTERS = ("builder", "dynamo")
+# matmulnbits: onnxruntime's fused kernel; qdq: DequantizeLinear → MatMul, for TensorRT (faq_deploy.qdq)
+WEIGHT_FORMATS = ("matmulnbits", "qdq")
 # The builder writes 4-bit containers only (`-p int4`): 3-bit codes fit one, 2- and 8-bit do not.
 BUILDER_BITS = (3, 4)
 # Builder node names → the checkpoint modules each node computes, concatenated along N in order.
@@ -56,6 +58,7 @@ class ExportOptions:
     accuracy_level: int = 4  # 4: int8 activations, the fast CPU path; 0: float activations
     lm_head: str = "int8"    # one of TABLE_KINDS
     embedding: str = "int8"  # one of TABLE_KINDS
+    weights: str = "matmulnbits"  # one of WEIGHT_FORMATS
 
     def __post_init__(self) -> None:
         for part, kind in (("lm_head", self.lm_head), ("embedding", self.embedding)):
@@ -63,6 +66,8 @@ class ExportOptions:
                 raise ExportError(f"unknown {part} kind {kind!r}", f"use one of {', '.join(TABLE_KINDS)}")
         if self.exporter not in EXPORTERS:
             raise ExportError(f"unknown exporter {self.exporter!r}", f"use one of {', '.join(EXPORTERS)}")
+        if self.weights not in WEIGHT_FORMATS:
+            raise ExportError(f"unknown weight format {self.weights!r}", f"use one of {', '.join(WEIGHT_FORMATS)}")
         if self.provider not in PROVIDERS:
             raise ExportError(f"unknown execution provider {self.provider!r}", f"use one of {', '.join(PROVIDERS)}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):

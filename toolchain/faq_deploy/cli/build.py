@@ -11,7 +11,7 @@ import click
 from faq_deploy.build import fit_lines, run_build
 from faq_deploy.cli.options import emit, json_option, load_targets, model_option, targets_dir_option
 from faq_deploy.cli.quant_options import method_option, quant_options, quant_request
-from faq_deploy.export import EXPORTERS, TABLE_KINDS, ExportOptions
+from faq_deploy.export import EXPORTERS, TABLE_KINDS, WEIGHT_FORMATS, ExportOptions
 
 
 @click.command("build")
@@ -32,6 +32,10 @@ from faq_deploy.export import EXPORTERS, TABLE_KINDS, ExportOptions
                    "reads, 113 → 30 MB at int8 on the default model) or float.")
 @click.option("--embedding", type=click.Choice(TABLE_KINDS), default=ExportOptions.embedding, show_default=True,
               help="The token embedding table: int8 or int4 (GatherBlockQuantized, blocks of 32) or float.")
+@click.option("--weights", type=click.Choice(WEIGHT_FORMATS), default=None,
+              help="matmulnbits: onnxruntime's fused 4-bit kernel (CPU, CUDA); qdq: DequantizeLinear → MatMul over "
+                   "the same codes, for TensorRT, which runs no MatMulNBits (it takes symmetric codes only: add "
+                   "--symmetric) [default: qdq when the target prefers TensorRT].")
 @click.option("--eval-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
               help="Held-out tokens (speeches-eval) for perplexity before and after (parity always uses 1,024).")
 @click.option("--context", type=click.IntRange(min=1), default=None,
@@ -45,9 +49,9 @@ from faq_deploy.export import EXPORTERS, TABLE_KINDS, ExportOptions
 @targets_dir_option
 @json_option
 def build_cmd(target_name: str | None, model_spec: str | None, method: str, out: Path | None, exporter: str,
-              accuracy_level: int | None, lm_head: str, embedding: str, eval_tokens: int, context: int | None,
-              force: bool, wheelhouse: bool, tar: bool, targets_dirs: tuple[Path, ...], as_json: bool,
-              **options: Any) -> None:
+              accuracy_level: int | None, lm_head: str, embedding: str, weights: str | None, eval_tokens: int,
+              context: int | None, force: bool, wheelhouse: bool, tar: bool, targets_dirs: tuple[Path, ...],
+              as_json: bool, **options: Any) -> None:
     """Quantize, export to ONNX and pack a verified bundle for a board.
 
     The target (`faq-deploy targets list`) gives the defaults (bits, group, accuracy level, context)
@@ -68,8 +72,9 @@ def build_cmd(target_name: str | None, model_spec: str | None, method: str, out:
     config, calibration = quant_request(method, options, (target.build.bits, target.build.group))
     level = target.build.accuracy_level if accuracy_level is None else accuracy_level
     provider = "cuda" if target.build.providers[:1] == ("CUDA",) else "cpu"
+    weights = weights or ("qdq" if target.build.providers[:1] == ("TensorRT",) else "matmulnbits")
     export = ExportOptions(exporter=exporter, provider=provider, accuracy_level=level, lm_head=lm_head,
-                           embedding=embedding)
+                           embedding=embedding, weights=weights)
     out = out or Path("build") / f"{(model_spec or 'smollm2').split('/')[-1].lower()}-{target.name}"
     result = run_build(model_spec, config, calibration, target, out, export, eval_tokens,
                        context or target.build.context, force=force, wheels=wheelhouse, tar=tar)
