@@ -64,10 +64,10 @@ def _dequantize_matmul(node: onnx.NodeProto, init: dict[str, TensorProto],
                           "have a DequantizeLinear form", "build with --bits 3, 4 or 8")
     array = {role: numpy_helper.to_array(init[name]) for role, name in zip("bsz", node.input[1:4], strict=True)}
     blocks = -(-k // block)
-    # the builder stores zero points flat: shape every array by the node's attributes
-    codes = unpack(array["b"].reshape(n, blocks, -1), bits, block).reshape(n, -1)[:, :k].T  # [K, N], MatMul's B
-    zeros = unpack(array["z"].reshape(n, -1), bits, blocks)                                # [N, blocks]
-    scales = array["s"].reshape(n, blocks).T                          # [blocks, N]
+    # The builder stores zero points flat: every array is shaped by the node's attributes.
+    codes = unpack(array["b"].reshape(n, blocks, -1), bits, block).reshape(n, -1)[:, :k].T  # [K, N]: MatMul's B
+    zeros = unpack(array["z"].reshape(n, -1), bits, blocks)  # [N, blocks]
+    scales = array["s"].reshape(n, blocks).T                  # [blocks, N]
     shifted, half = codes.astype(np.int16) - zeros.flat[0], 1 << (bits - 1)
     signed = bool((zeros == zeros.flat[0]).all()) and -half <= shifted.min() and shifted.max() < half
     prefix = node.name.rsplit("/", 1)[0]
