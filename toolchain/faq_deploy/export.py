@@ -61,15 +61,13 @@ class ExportOptions:
     weights: str = "matmulnbits"  # one of WEIGHT_FORMATS
 
     def __post_init__(self) -> None:
-        for part, kind in (("lm_head", self.lm_head), ("embedding", self.embedding)):
-            if kind not in TABLE_KINDS:
-                raise ExportError(f"unknown {part} kind {kind!r}", f"use one of {', '.join(TABLE_KINDS)}")
-        if self.exporter not in EXPORTERS:
-            raise ExportError(f"unknown exporter {self.exporter!r}", f"use one of {', '.join(EXPORTERS)}")
-        if self.weights not in WEIGHT_FORMATS:
-            raise ExportError(f"unknown weight format {self.weights!r}", f"use one of {', '.join(WEIGHT_FORMATS)}")
-        if self.provider not in PROVIDERS:
-            raise ExportError(f"unknown execution provider {self.provider!r}", f"use one of {', '.join(PROVIDERS)}")
+        for part, value, choices in (("lm_head kind", self.lm_head, TABLE_KINDS),
+                                     ("embedding kind", self.embedding, TABLE_KINDS),
+                                     ("exporter", self.exporter, EXPORTERS),
+                                     ("weight format", self.weights, WEIGHT_FORMATS),
+                                     ("execution provider", self.provider, PROVIDERS)):
+            if value not in choices:
+                raise ExportError(f"unknown {part} {value!r}", f"use one of {', '.join(choices)}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ExportError(f"accuracy_level {self.accuracy_level} is not 0–4", "use 4 (int8) or 0 (float)")
 
