@@ -22,7 +22,14 @@ from faq_deploy.build import MIN_AGREEMENT, fake_quantize_tables
 from faq_deploy.data import eval_tokens, load_corpus
 from faq_deploy.dynamo import export_dynamo
 from faq_deploy.errors import BundleInvalid, ExportError
-from faq_deploy.export import ExportOptions, check_codes, export_builder, quantize_tables
+from faq_deploy.export import (
+    ExportOptions,
+    check_codes,
+    edited_graph,
+    export_builder,
+    quantize_tables,
+    set_accuracy_levels,
+)
 from faq_deploy.parity import compare, onnx_logits
 from faq_deploy.perplexity import perplexity
 from faq_deploy.qdq import QDQ_ACCURACY_LEVEL, to_qdq
@@ -108,7 +115,8 @@ def test_quantized_tables_carry_our_codes_and_match_torch(quantized, level0: Pat
     model = copy.deepcopy(loaded.model)
     head, table = fake_quantize_tables(model, ExportOptions(lm_head=lm_head, embedding=embedding))
     folder = shutil.copytree(level0, tmp_path / "model")
-    quantize_tables(folder, head, table, accuracy_level=0)
+    with edited_graph(folder) as edited:
+        quantize_tables(edited.graph, head, table)
     graph = onnx.load(str(folder / "model.onnx"))
     gather = next(n for n in graph.graph.node if n.name == "/model/embed_tokens/GatherBlockQuantized")
     arrays = {t.name: onnx.numpy_helper.to_array(t).copy() for t in graph.graph.initializer if t.name in gather.input}
@@ -141,7 +149,8 @@ def test_the_qdq_rewrite_of_each_export_computes_what_its_matmulnbits_graph_comp
                                                                                    tmp_path: Path) -> None:
     folder = shutil.copytree(level0, tmp_path / "model")
     nodes = sum(n.op_type == "MatMulNBits" for n in onnx.load(str(folder / "model.onnx")).graph.node)
-    assert to_qdq(folder) == nodes > 0
+    with edited_graph(folder) as edited:
+        assert to_qdq(edited) == nodes > 0
     assert not any(n.op_type == "MatMulNBits" for n in onnx.load(str(folder / "model.onnx")).graph.node)
     ids = eval_ids[:256].tolist()
     expected = Decoder(level0).logits(ids)
@@ -177,11 +186,13 @@ def test_a_tensorrt_bundle_carries_signed_qdq_weights_that_both_runtimes_run(rea
 @pytest.fixture(scope="module", params=list(EXPORT))
 def built(request: pytest.FixtureRequest, real_cache: Path, tmp_path_factory: pytest.TempPathFactory
           ) -> tuple[Path, dict]:
-    """`faq-deploy build --target jetson` end to end with each exporter (FAQ at a tiny calibration budget)."""
+    """`faq-deploy build --target jetson` end to end with each exporter (FAQ at a tiny calibration budget;
+    the dynamo build keeps its lm_head at accuracy level 0)."""
     out = tmp_path_factory.mktemp("bundles") / "jetson"
+    extra = ["--float-activations", "lm_head"] if request.param == "dynamo" else []
     done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetson", "--exporter", request.param, "--samples", "2",
                            "--seq-len", "128", "--search-rows", "1", "--eval-tokens", "1024", "--out", str(out),
-                           "--json"], capture_output=True, text=True)
+                           "--json", *extra], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return out, json.loads(done.stdout)
 
@@ -197,6 +208,11 @@ def test_build_writes_a_verified_bundle(built: tuple[Path, dict]) -> None:
     graph = onnx.load(str(out / "model" / "model.onnx"), load_external_data=False)
     head = next(n for n in graph.graph.node if n.output[0] == "logits")
     assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8
+    float_head = manifest["export"]["exporter"] == "dynamo"
+    assert manifest["export"]["float_activations"] == (["lm_head"] if float_head else [])
+    levels = {n.name: {a.name: a.i for a in n.attribute}["accuracy_level"]
+              for n in graph.graph.node if n.op_type == "MatMulNBits"}
+    assert levels.pop(head.name) == (0 if float_head else 4) and set(levels.values()) == {4}
     table = next(n for n in graph.graph.node if "input_ids" in n.input[1:2])
     assert table.op_type == "GatherBlockQuantized" and {a.name: a.i for a in table.attribute}["bits"] == 8
     assert {f["path"] for f in manifest["files"]} >= {"model/model.onnx", "model/model.onnx.data",
@@ -244,6 +260,12 @@ def _edit_manifest(root: Path, change) -> None:
     (root / MANIFEST).write_text(json.dumps(manifest))
 
 
+def test_float_activations_are_refused_for_qdq_weights(real_cache: Path) -> None:
+    done = subprocess.run([*FAQ_DEPLOY, "build", "--weights", "qdq", "--symmetric", "--float-activations", "lm_head"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "per-node accuracy level" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_unknown_target_suggests_the_closest(real_cache: Path) -> None:
     done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetsn"], capture_output=True, text=True)
     assert done.returncode == 10 and "jetson" in done.stderr
@@ -260,3 +282,31 @@ def test_dynamo_exports_each_registered_layout(architecture: str, default_model,
     assert check_codes(model_dir, result.weights) == len(result.weights) == 7 * 3
     parity = compare(result.model, Decoder(model_dir), tiny_calibration(1, 48)[0])
     assert parity.max_rel_diff <= 1e-4 and parity.argmax_agreement == 1.0, parity
+
+
+def test_float_activations_keep_the_named_nodes_at_level_0(default_model, tmp_path: Path) -> None:
+    """In a level-4 graph of 8-bit blocks with an int8 lm_head, `lm_head` sets only the head to level 0
+    and `8bit` every node, which makes the graph exact again (level 4 quantizes activations to int8)."""
+    result = quantize(tiny_model("LlamaForCausalLM"), make_config("rtn", QuantScheme(8, 16)))
+    head, _ = fake_quantize_tables(result.model, ExportOptions(embedding="float"))
+    folder = checkpoint.save(result, default_model.tokenizer, default_model.ref, tmp_path / "ckpt")
+    model_dir = export_dynamo(folder, tmp_path / "model", ExportOptions(exporter="dynamo"))
+    with edited_graph(model_dir) as edited:
+        quantize_tables(edited.graph, head, None)
+    ids = tiny_calibration(1, 48)[0]
+
+    def run(*float_activations: str) -> tuple[dict[str, int], float]:
+        options = ExportOptions(exporter="dynamo", float_activations=float_activations)
+        with edited_graph(model_dir) as edited:
+            float_nodes = set_accuracy_levels(edited.graph, options)
+            levels = {n.name: a.i for n in edited.graph.node if n.op_type == "MatMulNBits"
+                      for a in n.attribute if a.name == "accuracy_level"}
+        assert float_nodes == sum(level == 0 for level in levels.values())
+        return levels, compare(result.model, Decoder(model_dir), ids).max_rel_diff
+
+    levels, int8_diff = run()
+    assert len(levels) == 7 * 3 + 1 and set(levels.values()) == {4} and int8_diff > 1e-3
+    levels, _ = run("lm_head")
+    assert {name for name, level in levels.items() if level == 0} == {"/lm_head/MatMulNBits"}
+    levels, diff = run("8bit")
+    assert set(levels.values()) == {0} and diff <= 1e-4

@@ -10,7 +10,7 @@ from onnx import TensorProto, numpy_helper
 from test_packing import matmulnbits_model, run_model
 
 from faq_deploy.errors import ExportError
-from faq_deploy.qdq import QDQ_ACCURACY_LEVEL, rewrite
+from faq_deploy.qdq import QDQ_ACCURACY_LEVEL, to_qdq
 from faq_deploy.quant.packing import to_matmulnbits
 from faq_deploy.quant.quantizer import quantize_weight
 from faq_deploy.quant.scheme import QuantScheme
@@ -27,7 +27,7 @@ def quantized_model(bits: int, symmetric: bool, k: int = 200) -> tuple[onnx.Mode
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_the_rewrite_computes_the_same_matmul_from_the_same_codes(bits: int, symmetric: bool) -> None:
     model, dense = quantized_model(bits, symmetric)
-    assert rewrite(model) == 1
+    assert to_qdq(model) == 1
     onnx.checker.check_model(model, full_check=True)
     assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "MatMul"]
     weight = next(t for t in model.graph.initializer if t.name.endswith(".weight"))
@@ -50,7 +50,7 @@ def test_onnxruntime_cpu_fuses_the_pair_back_with_int8_activations_by_default() 
     """Why the level is a session option for these graphs: unset, the CPU provider runs the fused
     MatMulNBits at accuracy level 4."""
     model, dense = quantized_model(4, True)
-    rewrite(model)
+    to_qdq(model)
     a = np.random.default_rng(2).standard_normal((5, 200)).astype(np.float32)
     expected = a.astype(np.float64) @ dense.T
     error = np.abs(run_model(model, a) - expected).max() / np.abs(expected).max()
@@ -60,8 +60,8 @@ def test_onnxruntime_cpu_fuses_the_pair_back_with_int8_activations_by_default() 
 def test_two_bit_nodes_and_old_opsets_are_refused() -> None:
     two_bit, _ = quantized_model(2, True)
     with pytest.raises(ExportError, match="only 4- and 8-bit"):
-        rewrite(two_bit)
+        to_qdq(two_bit)
     old, _ = quantized_model(4, True)
     old.opset_import[0].version = 20
     with pytest.raises(ExportError, match="opset 20"):
-        rewrite(old)
+        to_qdq(old)

@@ -21,7 +21,15 @@ from faq_deploy import bundle, checkpoint, checks, models, wheelhouse
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
 from faq_deploy.dynamo import export_dynamo
 from faq_deploy.errors import ExportError
-from faq_deploy.export import TABLE_SCHEMES, ExportOptions, check_codes, export_builder, quantize_tables
+from faq_deploy.export import (
+    TABLE_SCHEMES,
+    ExportOptions,
+    check_codes,
+    edited_graph,
+    export_builder,
+    quantize_tables,
+    set_accuracy_levels,
+)
 from faq_deploy.fetch import folder_bytes
 from faq_deploy.jobs import quantize_loaded
 from faq_deploy.parity import Parity, compare, onnx_logits
@@ -127,11 +135,13 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             ckpt = checkpoint.save(quantized, loaded.tokenizer, loaded.ref, work / "checkpoint", used)
             model_dir = _EXPORT[export.exporter](ckpt, work / "model", export)
             modules = check_codes(model_dir, quantized.weights)
-            if TABLE_SCHEMES.keys() & {export.lm_head, export.embedding}:
-                quantize_tables(model_dir, *fake_quantize_tables(quantized.model, export, config.scheme.symmetric),
-                                export.accuracy_level)
-            if export.weights == "qdq":
-                to_qdq(model_dir)
+            with edited_graph(model_dir) as onnx_model:
+                if TABLE_SCHEMES.keys() & {export.lm_head, export.embedding}:
+                    quantize_tables(onnx_model.graph,
+                                    *fake_quantize_tables(quantized.model, export, config.scheme.symmetric))
+                set_accuracy_levels(onnx_model.graph, export)
+                if export.weights == "qdq":
+                    to_qdq(onnx_model)
         with _stage(4, "parity with the quantized torch model", seconds):
             decoder = Decoder(model_dir)
             parity = compare(quantized.model, decoder, ids[:PARITY_TOKENS])

@@ -12,6 +12,8 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,11 @@ PROVIDERS = ("cpu", "cuda")
 EXPORTERS = ("builder", "dynamo")
 # matmulnbits: onnxruntime's fused kernel; qdq: DequantizeLinear → MatMul, for TensorRT (faq_deploy.qdq)
 WEIGHT_FORMATS = ("matmulnbits", "qdq")
+# Nodes that `float_activations` can keep at accuracy level 0 (float activations) under a level-4 graph.
+# Measured on the default model (RTN w4 g32, int8 head, 2 x86 cores; docs/results/levels.md): the int8
+# head at level 0 lifts next-token agreement with the torch model from 96.0% to 97.2% and cuts decoding
+# from 166 to 7 tokens/s (8-bit MatMulNBits has no fast float-activation kernel on CPU): opt-in only.
+FLOAT_ACTIVATION_NODES = ("lm_head", "8bit")
 # The builder writes 4-bit containers only (`-p int4`): 3-bit codes fit one, 2- and 8-bit do not.
 BUILDER_BITS = (3, 4)
 # Builder node names → the checkpoint modules each node computes, concatenated along N in order.
@@ -59,6 +66,7 @@ class ExportOptions:
     lm_head: str = "int8"    # one of TABLE_KINDS
     embedding: str = "int8"  # one of TABLE_KINDS
     weights: str = "matmulnbits"  # one of WEIGHT_FORMATS
+    float_activations: tuple[str, ...] = ()  # of FLOAT_ACTIVATION_NODES: kept at level 0
 
     def __post_init__(self) -> None:
         for part, value, choices in (("lm_head kind", self.lm_head, TABLE_KINDS),
@@ -68,8 +76,21 @@ class ExportOptions:
                                      ("execution provider", self.provider, PROVIDERS)):
             if value not in choices:
                 raise ExportError(f"unknown {part} {value!r}", f"use one of {', '.join(choices)}")
+        for node in self.float_activations:
+            if node not in FLOAT_ACTIVATION_NODES:
+                raise ExportError(f"unknown node kind {node!r} for float activations",
+                                  f"use {' or '.join(FLOAT_ACTIVATION_NODES)}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ExportError(f"accuracy_level {self.accuracy_level} is not 0–4", "use 4 (int8) or 0 (float)")
+        if self.float_activations and self.weights == "qdq":
+            raise ExportError("a QDQ graph has no per-node accuracy level (onnxruntime's CPU provider sets one "
+                              "for the whole session)", "drop --float-activations, or build MatMulNBits weights")
+
+    def accuracy_level_of(self, node_name: str, bits: int) -> int:
+        """The accuracy level of one MatMulNBits node: `accuracy_level` unless `float_activations`
+        names its kind."""
+        named = {"lm_head": node_name.startswith(LM_HEAD_NODE.rpartition("/")[0] + "/"), "8bit": bits == 8}
+        return 0 if any(named[kind] for kind in self.float_activations) else self.accuracy_level
 
 
 def export_builder(checkpoint: Path, out: Path, options: ExportOptions) -> Path:
@@ -87,23 +108,44 @@ def export_builder(checkpoint: Path, out: Path, options: ExportOptions) -> Path:
     return out
 
 
-def quantize_tables(folder: Path, head: QuantizedWeight | None, embedding: QuantizedWeight | None,
-                    accuracy_level: int) -> None:
-    """Replace the builder's float lm_head MatMul by a MatMulNBits node of `head` and its embedding
-    Gather by a GatherBlockQuantized node of `embedding` (our codes; None keeps that one float)."""
+@contextmanager
+def edited_graph(folder: Path) -> Iterator[onnx.ModelProto]:
+    """The model in `folder`, loaded for edits in place and saved back when the block ends without error,
+    so a build's passes over the graph share one load and one save."""
     model = onnx.load(str(folder / MODEL_FILE))
-    graph = model.graph
+    yield model
+    (folder / f"{MODEL_FILE}.data").unlink()
+    save_graph(model, folder)
+
+
+def quantize_tables(graph: onnx.GraphProto, head: QuantizedWeight | None, embedding: QuantizedWeight | None
+                    ) -> None:
+    """Replace the exported float lm_head MatMul by a MatMulNBits node of `head` (at accuracy level 0
+    until `set_accuracy_levels`) and the embedding Gather by a GatherBlockQuantized node of `embedding`
+    (our codes; None keeps that one float)."""
     _untie(graph)
     if head is not None:
         node = _find(graph, LM_HEAD_NODE, "MatMul", "--lm-head float")
         replace_node(graph, node, head, "MatMulNBits", "lm_head", [node.input[0]],
-                     dict(K=head.shape[1], N=head.shape[0], accuracy_level=accuracy_level))
+                     dict(K=head.shape[1], N=head.shape[0]))
     if embedding is not None:
         node = _find(graph, EMBEDDING_NODE, "Gather", "--embedding float")
         replace_node(graph, node, embedding, "GatherBlockQuantized", "model.embed_tokens", [node.input[1]],
                      dict(gather_axis=0, quantize_axis=1))
-    (folder / f"{MODEL_FILE}.data").unlink()
-    save_graph(model, folder)
+
+
+def set_accuracy_levels(graph: onnx.GraphProto, options: ExportOptions) -> int:
+    """Give every MatMulNBits node its level from `options`; the number of nodes left at level 0."""
+    float_nodes = 0
+    for node in (n for n in graph.node if n.op_type == "MatMulNBits"):
+        attributes = {a.name: a for a in node.attribute}
+        level = options.accuracy_level_of(node.name, attributes["bits"].i)
+        if "accuracy_level" in attributes:
+            attributes["accuracy_level"].i = level
+        else:
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
+        float_nodes += level == 0
+    return float_nodes
 
 
 def save_graph(model: onnx.ModelProto, folder: Path) -> None:

@@ -10,14 +10,11 @@ into MatMulNBits, with int8 activations unless the session option QDQ_ACCURACY_L
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
 from faq_deploy.errors import ExportError
-from faq_deploy.export import MODEL_FILE, save_graph
 from faq_deploy.quant.packing import pack, unpack
 
 QDQ_ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
@@ -26,16 +23,7 @@ _TYPES = {(4, True): TensorProto.INT4, (4, False): TensorProto.UINT4,
           (8, True): TensorProto.INT8, (8, False): TensorProto.UINT8}
 
 
-def to_qdq(folder: Path) -> int:
-    """Rewrite the model in `folder` in place; the number of nodes rewritten."""
-    model = onnx.load(str(folder / MODEL_FILE))
-    count = rewrite(model)
-    (folder / f"{MODEL_FILE}.data").unlink()
-    save_graph(model, folder)
-    return count
-
-
-def rewrite(model: onnx.ModelProto) -> int:
+def to_qdq(model: onnx.ModelProto) -> int:
     """Replace every MatMulNBits node of `model` by DequantizeLinear → MatMul; the number replaced."""
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
