@@ -183,6 +183,29 @@ def test_a_tensorrt_bundle_carries_signed_qdq_weights_that_both_runtimes_run(rea
     assert len(set(ours)) > 4 and ours == genai_greedy(out / "model", ids, 16)
 
 
+def test_a_cuda_bundle_is_a_float16_graph_of_our_codes(real_cache: Path, tmp_path: Path) -> None:
+    """`--provider cuda`: the builder's float16 graph for onnxruntime's CUDA provider, with our codes (the
+    build compares them) and int8 tables. No GPU here: onnxruntime's CPU provider runs it for parity and
+    generation; the CUDA run is in docs/results/cuda.md."""
+    out = tmp_path / "cuda"
+    done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetson", "--provider", "cuda", "--method", "rtn",
+                           "--eval-tokens", "256", "--out", str(out), "--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert json.loads((out / MANIFEST).read_text())["export"]["provider"] == "cuda"
+    assert result["perplexity_bundle"] < 1.5 * result["perplexity_float"]
+    genai = json.loads((out / "model" / "genai_config.json").read_text())["model"]["decoder"]
+    assert "cuda" in genai["session_options"]["provider_options"][0]
+    graph = onnx.load(str(out / "model" / "model.onnx"), load_external_data=False).graph
+    assert {o.name: o.type.tensor_type.elem_type for o in graph.output}["logits"] == TensorProto.FLOAT16
+    head = next(n for n in graph.node if n.output[0] == "logits")
+    assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8
+    generator = load(out, LoadOptions(check_device=False))
+    ids = generator.encode("My fellow citizens,")
+    tokens = list(generator.tokens(ids, 16))
+    assert len(set(tokens)) > 4 and tokens == list(generator.tokens(ids, 16))
+
+
 @pytest.fixture(scope="module", params=list(EXPORT))
 def built(request: pytest.FixtureRequest, real_cache: Path, tmp_path_factory: pytest.TempPathFactory
           ) -> tuple[Path, dict]:

@@ -15,6 +15,7 @@ import pytest
 
 from faq_deploy import checks, detect, models, registry
 from faq_deploy.errors import TargetError
+from faq_deploy.export import ExportOptions
 from faq_deploy.quant.scheme import QuantScheme
 from faq_runtime import agent, compat, probe
 
@@ -264,17 +265,27 @@ def test_memory_fit_per_ram_size_and_force() -> None:
     assert none.decode_ceiling_tokens_s == round(12.8e9 / (8 * 2**30), 1)
 
 
-def test_providers_and_exporters_the_build_cannot_make_yet(tmp_path: Path) -> None:
+def test_providers_weights_and_exporters_each_board_takes(tmp_path: Path) -> None:
     orin = (SHIPPED / "jetson-orin-nano-8gb.toml").read_text().replace('["jetson", "orin-nano"]', "[]")
     (tmp_path / "trt.toml").write_text(orin.replace("jetson-orin-nano-8gb", "trt")
                                        .replace('providers = ["CPU"]', 'providers = ["TensorRT", "CPU"]'))
     (tmp_path / "fp16.toml").write_text(orin.replace("jetson-orin-nano-8gb", "fp16")
                                         .replace('"float32"', '"float16"'))
     targets = registry.load([tmp_path])
-    trt = checks.assess(targets.resolve("trt"), QuantScheme(4, 32), _footprint(0.2, 0.1)).problems
-    assert "TensorRT does not run MatMulNBits" in trt[0].cause
-    fp16 = checks.assess(targets.resolve("fp16"), QuantScheme(4, 32), _footprint(0.2, 0.1)).problems
+    fits = _footprint(0.2, 0.1)
+    trt = checks.assess(targets.resolve("trt"), QuantScheme(4, 32), fits).problems
+    assert "TensorRT runs no MatMulNBits" in trt[0].cause and "--weights qdq --symmetric" in trt[0].fix
+    assert checks.assess(targets.resolve("trt"), QuantScheme(4, 32, symmetric=True), fits,
+                         ExportOptions(weights="qdq")).problems == ()
+    fp16 = checks.assess(targets.resolve("fp16"), QuantScheme(4, 32), fits).problems
     assert "float16 activations are for GPU graphs" in fp16[0].cause
+    shipped = registry.load()
+    assert checks.assess(shipped.resolve("jetson"), QuantScheme(4, 32), fits, ExportOptions(provider="cuda")
+                         ).problems == ()
+    no_cuda = checks.assess(shipped.resolve("pi5"), QuantScheme(4, 32), fits, ExportOptions(provider="cuda")).problems
+    assert "no CUDA execution provider" in no_cuda[0].cause
+    assert checks.assess(shipped.resolve("pi5"), QuantScheme(8, 32), fits, ExportOptions(exporter="dynamo")
+                         ).problems == ()
 
 
 # --- a real bundle against real and recorded devices ----------------------------------------------

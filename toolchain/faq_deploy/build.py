@@ -100,8 +100,9 @@ def fake_quantize_tables(model: nn.Module, export: ExportOptions, symmetric: boo
                  for module, kind in ((head, export.lm_head), (table, export.embedding)))
 
 
-def _checked(target: Target, config: MethodConfig, footprint: checks.Footprint, force: bool) -> checks.Assessment:
-    assessment = checks.assess(target, config.scheme, footprint)
+def _checked(target: Target, config: MethodConfig, export: ExportOptions, footprint: checks.Footprint,
+             force: bool) -> checks.Assessment:
+    assessment = checks.assess(target, config.scheme, footprint, export)
     for warning in checks.enforce(assessment, force):
         print(f"warning: {warning} (--force)", file=sys.stderr)
     return assessment
@@ -115,14 +116,13 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
     adds the runtime's wheelhouse for the target (fetched in stage 1, before the long work); `tar` also
     writes `<out>.tar`."""
     seconds: dict[str, float] = {}
-    dtype = target.build.activation_dtype
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-work-") as tmp:
         work = Path(tmp)
         with _stage(1, "load model and held-out text" + (", download wheels" if wheels else ""), seconds):
             loaded = models.load(model_spec)
-            estimate = checks.estimate(loaded.model, config.scheme, dtype, context, export)
-            _checked(target, config, estimate, force)
+            estimate = checks.estimate(loaded.model, config.scheme, export.activation_dtype, context, export)
+            _checked(target, config, export, estimate, force)
             wheel_line = wheelhouse.download(target, work / "wheels") if wheels else None
             ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(EVAL_TEXT), max(n_eval, PARITY_TOKENS))
             scored, window = ids[:n_eval], min(1024, n_eval)
@@ -154,7 +154,7 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             spec = decoder.spec
             footprint = checks.measure(model_dir, spec.layers, spec.kv_heads, spec.head_size,
                                        np.dtype(decoder.kv_dtype).itemsize, context)
-            fit = _checked(target, config, footprint, force)
+            fit = _checked(target, config, export, footprint, force)
             result = dict(
                 target=target.name, model=loaded.ref.name, method=config.method, bits=config.scheme.bits,
                 group=config.scheme.group_size, float_bytes=float_bytes, weights_bytes=footprint.weights_bytes,

@@ -96,19 +96,19 @@ def measure(model_dir: Path, layers: int, kv_heads: int, head_size: int, kv_dtyp
                      context)
 
 
-def _software_problems(target: Target, scheme: QuantScheme) -> list[Problem]:
+def _software_problems(target: Target, scheme: QuantScheme, export: ExportOptions) -> list[Problem]:
     build, software = target.build, target.software
     found = []
-    if build.exporter != "builder":
-        found.append(Problem(f"{target.name} asks for the {build.exporter} exporter, which is not built yet",
-                             "set build.exporter = \"builder\" in a target file of your own (--targets-dir)", False))
-    if scheme.bits not in BUILDER_BITS:
+    if export.exporter == "builder" and scheme.bits not in BUILDER_BITS:
         found.append(Problem(f"{scheme.bits}-bit weights do not fit the builder's 4-bit MatMulNBits containers",
-                             f"use --bits {' or '.join(map(str, BUILDER_BITS))}", False))
+                             f"use --bits {' or '.join(map(str, BUILDER_BITS))}, or --exporter dynamo", False))
+    if export.provider == "cuda" and "CUDA" not in software.execution_providers:
+        found.append(Problem(f"{target.name} has no CUDA execution provider for a CUDA graph",
+                             "drop --provider cuda", False))
     first = build.providers[0] if build.providers else "CPU"
-    if first == "TensorRT":
-        found.append(Problem("TensorRT does not run MatMulNBits and the int4 QDQ export is not built yet",
-                             "prefer CUDA or CPU in build.providers", False))
+    if first == "TensorRT" and (export.weights != "qdq" or not scheme.symmetric):
+        found.append(Problem("TensorRT runs no MatMulNBits and takes signed codes with no zero point",
+                             "build with --weights qdq --symmetric", False))
     if build.activation_dtype == "float16" and first == "CPU":
         found.append(Problem("float16 activations are for GPU graphs, but the first provider is CPU",
                              "set build.activation_dtype = \"float32\" or prefer CUDA", False))
@@ -123,12 +123,14 @@ def _software_problems(target: Target, scheme: QuantScheme) -> list[Problem]:
     return found
 
 
-def assess(target: Target, scheme: QuantScheme, footprint: Footprint) -> Assessment:
+def assess(target: Target, scheme: QuantScheme, footprint: Footprint,
+           export: ExportOptions = ExportOptions()) -> Assessment:
+    """What `target` makes of a bundle of `scheme` weights exported with `export` and `footprint`."""
     cap = target.capability
     usable = {gb: (gb - target.software.reserved_gb) * GIB for gb in cap.ram_gb}
     fits = tuple(gb for gb, room in usable.items() if footprint.total_bytes <= room)
     too_small = tuple(gb for gb in cap.ram_gb if gb not in fits)
-    problems = _software_problems(target, scheme)
+    problems = _software_problems(target, scheme, export)
     if cap.ram_gb and not fits:
         largest = max(cap.ram_gb)
         problems.append(Problem(

@@ -86,6 +86,12 @@ class ExportOptions:
             raise ExportError("a QDQ graph has no per-node accuracy level (onnxruntime's CPU provider sets one "
                               "for the whole session)", "drop --float-activations, or build MatMulNBits weights")
 
+    @property
+    def activation_dtype(self) -> str:
+        """The graph's float type: the builder writes float16 graphs for CUDA (accuracy levels are a CPU
+        matter: CUDA's MatMulNBits computes in float16)."""
+        return "float16" if self.provider == "cuda" and self.exporter == "builder" else "float32"
+
     def accuracy_level_of(self, node_name: str, bits: int) -> int:
         """The accuracy level of one MatMulNBits node: `accuracy_level` unless `float_activations`
         names its kind."""
