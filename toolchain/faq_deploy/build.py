@@ -170,7 +170,7 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
                                  "modules": modules},
                 "export": asdict(export),
                 "target": {"name": target.name, "description": target.description,
-                           "compatibility": checks.requirements(target, footprint, wheel_line)},
+                           "compatibility": checks.requirements(target, footprint, export, wheel_line)},
                 "memory": {"weights_bytes": footprint.weights_bytes, "kv_cache_bytes": footprint.kv_cache_bytes,
                            "overhead_bytes": footprint.overhead_bytes, "total_bytes": footprint.total_bytes,
                            "context": context, "fits_gb": list(fit.fits_gb),

@@ -155,10 +155,15 @@ def enforce(assessment: Assessment, force: bool) -> list[str]:
     return [p.cause for p in assessment.problems]
 
 
-def requirements(target: Target, footprint: Footprint, wheels: dict[str, str] | None = None) -> dict[str, object]:
-    """The manifest's compatibility record: what faq_runtime.compat.check holds a device to. `wheels` is
+def requirements(target: Target, footprint: Footprint, export: ExportOptions,
+                 wheels: dict[str, str] | None = None) -> dict[str, object]:
+    """The manifest's compatibility record: what faq_runtime.compat.check holds a device to, and the
+    runtime's provider order (a CUDA graph tries CUDA first, whatever the target prefers). `wheels` is
     the line of the bundle's wheelhouse, whose Python the device must then run."""
+    providers = list(target.build.providers)
+    if export.provider == "cuda":
+        providers = ["CUDA", *(p for p in providers if p != "CUDA")]
     return {"machine": target.identity.machine, "isa_tier": target.capability.isa_tier,
             "l4t_major": target.identity.l4t_major, "python_min": PYTHON_MIN, "onnxruntime_min": ONNXRUNTIME_MIN,
             "wheels_python": wheels["python"] if wheels else None,
-            "memory_bytes": footprint.total_bytes, "providers": list(target.build.providers)}
+            "memory_bytes": footprint.total_bytes, "providers": providers}
