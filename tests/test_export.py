@@ -293,6 +293,12 @@ def test_float_activations_are_refused_for_qdq_weights(real_cache: Path) -> None
     assert done.returncode != 0 and "per-node accuracy level" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_cuda_graph_from_the_dynamo_exporter_is_refused_before_any_work(real_cache: Path) -> None:
+    done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetson", "--exporter", "dynamo", "--provider", "cuda"],
+                          capture_output=True, text=True)
+    assert done.returncode == 11 and "CPU provider only" in done.stderr and "[1/" not in done.stderr
+
+
 def test_unknown_target_suggests_the_closest(real_cache: Path) -> None:
     done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetsn"], capture_output=True, text=True)
     assert done.returncode == 10 and "jetson" in done.stderr

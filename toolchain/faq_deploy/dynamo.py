@@ -22,7 +22,7 @@ from transformers.cache_utils import DynamicCache
 
 from faq_deploy import checkpoint
 from faq_deploy.errors import ExportError
-from faq_deploy.export import EMBEDDING_NODE, LM_HEAD_NODE, MODEL_FILE, ExportOptions, replace_node, save_graph
+from faq_deploy.export import EMBEDDING_NODE, LM_HEAD_NODE, MODEL_FILE, ExportOptions, edited_graph, replace_node
 from faq_deploy.fetch import staged_dir
 from faq_deploy.quant.quantizer import QuantizedWeight
 from faq_runtime.model import GENAI_CONFIG
@@ -52,9 +52,6 @@ class FlatKV(nn.Module):
 
 def export_dynamo(ckpt: Path, out: Path, options: ExportOptions) -> Path:
     """Export the checkpoint at `ckpt` into the model folder `out` (replaced atomically)."""
-    if options.provider != "cpu":
-        raise ExportError("the dynamo exporter writes float32 graphs for the CPU provider only",
-                          "use --exporter builder for a CUDA target")
     loaded = checkpoint.load(ckpt)
     model = loaded.model
     head = model.get_output_embeddings()
@@ -62,10 +59,8 @@ def export_dynamo(ckpt: Path, out: Path, options: ExportOptions) -> Path:
     model.config.tie_word_embeddings = False
     with staged_dir(out) as tmp:
         _trace(model, tmp / MODEL_FILE)
-        graph = onnx.load(str(tmp / MODEL_FILE))
-        (tmp / f"{MODEL_FILE}.data").unlink()
-        _to_matmulnbits(graph.graph, model, loaded.weights, options.accuracy_level)
-        save_graph(graph, tmp)
+        with edited_graph(tmp) as graph:
+            _to_matmulnbits(graph.graph, model, loaded.weights, options.accuracy_level)
         (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(model.config), indent=4))
         loaded.tokenizer.save_pretrained(tmp)
     return out
