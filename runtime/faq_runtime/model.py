@@ -38,6 +38,9 @@ class DecoderSpec:
     present_value: str
     # GroupQueryAttention graphs accept the same buffer as past input and present output
     share_buffer: bool
+    # onnxruntime session config entries: the dotted string keys of the decoder's session_options,
+    # which onnxruntime-genai also passes to its session (e.g. session.qdq_matmulnbits_accuracy_level)
+    session_config: Mapping[str, str]
 
     @classmethod
     def read(cls, folder: Path) -> DecoderSpec:
@@ -45,11 +48,13 @@ class DecoderSpec:
         config = genai["model"]
         decoder = config["decoder"]
         inputs, outputs = decoder["inputs"], decoder["outputs"]
+        entries = {key: value for key, value in decoder.get("session_options", {}).items()
+                   if "." in key and isinstance(value, str)}
         return cls(decoder["filename"], decoder["num_hidden_layers"], decoder["num_key_value_heads"],
                    decoder["head_size"], config["vocab_size"], config["context_length"],
                    inputs["past_key_names"], inputs["past_value_names"],
                    outputs["present_key_names"], outputs["present_value_names"],
-                   bool(genai.get("search", {}).get("past_present_share_buffer")))
+                   bool(genai.get("search", {}).get("past_present_share_buffer")), entries)
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.layers * self.kv_heads * self.head_size * dtype_bytes
@@ -63,14 +68,13 @@ class Decoder:
     """One session over a model folder; `forward` runs a chunk of tokens after a cache."""
 
     def __init__(self, folder: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int | None = None, config: Mapping[str, str] | None = None) -> None:
-        """`config`: onnxruntime session config entries (e.g. session.qdq_matmulnbits_accuracy_level)."""
+                 threads: int | None = None) -> None:
         self.folder = Path(folder)
         self.spec = DecoderSpec.read(self.folder)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        for key, value in (config or {}).items():
+        for key, value in self.spec.session_config.items():
             options.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(str(self.folder / self.spec.filename), options,
                                             providers=list(providers))

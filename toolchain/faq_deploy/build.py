@@ -34,7 +34,7 @@ from faq_deploy.fetch import folder_bytes
 from faq_deploy.jobs import quantize_loaded
 from faq_deploy.parity import Parity, compare, onnx_logits
 from faq_deploy.perplexity import perplexity
-from faq_deploy.qdq import to_qdq
+from faq_deploy.qdq import set_session_level, to_qdq
 from faq_deploy.quant import describe
 from faq_deploy.quant.quantizer import QuantizedWeight, quantize_linear_
 from faq_deploy.quant.scheme import MethodConfig
@@ -142,6 +142,7 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
                 set_accuracy_levels(onnx_model.graph, export)
                 if export.weights == "qdq":
                     to_qdq(onnx_model)
+                    set_session_level(model_dir, export.accuracy_level)
         with _stage(4, "parity with the quantized torch model", seconds):
             decoder = Decoder(model_dir)
             parity = compare(quantized.model, decoder, ids[:PARITY_TOKENS])
