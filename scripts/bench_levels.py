@@ -20,7 +20,6 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from faq_deploy.perplexity import perplexity
 from faq_deploy.quant import make_config, quantize
 from faq_deploy.quant.scheme import QuantScheme
 from faq_runtime.model import Decoder
+from faq_runtime.speed import Speed, measure
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = {
@@ -42,17 +42,6 @@ POLICIES = {
     "level 4, lm_head at 0": ExportOptions(accuracy_level=4, float_activations=("lm_head",)),
 }
 PROMPT, DECODE = 128, 64
-
-
-def speed(decoder: Decoder) -> tuple[float, float]:
-    """Prefill and decode tokens/s of one 128-token prompt and 64 greedy steps after it."""
-    cache = decoder.new_cache(PROMPT + DECODE)
-    start = time.perf_counter()
-    logits = decoder.step(list(range(1000, 1000 + PROMPT)), cache)
-    prefilled = time.perf_counter()
-    for _ in range(DECODE):
-        logits = decoder.step([int(logits.argmax())], cache)
-    return PROMPT / (prefilled - start), DECODE / (time.perf_counter() - prefilled)
 
 
 def main() -> int:
@@ -84,13 +73,13 @@ def main() -> int:
             rows[name] = {"argmax_agreement": round(parity.argmax_agreement, 4),
                           "perplexity": round(perplexity(onnx_logits(decoder), ids[:args.tokens]).perplexity, 4)}
             print(name, rows[name], flush=True)
-        timings: dict[str, list[tuple[float, float]]] = {name: [] for name in decoders}
+        timings: dict[str, list[Speed]] = {name: [] for name in decoders}
         for _ in range(args.runs):
             for name, decoder in decoders.items():
-                timings[name].append(speed(decoder))
+                timings[name].append(measure(decoder, list(range(1000, 1000 + PROMPT)), DECODE))
         for name, runs in timings.items():
-            rows[name].update(prefill_tokens_s=round(statistics.median(r[0] for r in runs), 1),
-                              decode_tokens_s=round(statistics.median(r[1] for r in runs), 1))
+            rows[name].update(prefill_tokens_s=round(statistics.median(r.prefill_tokens_s for r in runs), 1),
+                              decode_tokens_s=round(statistics.median(r.decode_tokens_s for r in runs), 1))
     with torch.inference_mode():
         expected = result.model(ids[None, :PARITY_TOKENS]).logits[0].argmax(-1)
         for dtype in (torch.float16, torch.bfloat16):
