@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +41,9 @@ def reference(bundle: Path, out: Path) -> None:
     if quantization["method"] != "rtn":
         raise SystemExit(f"{bundle} is a {quantization['method']} bundle; build one with --method rtn")
     loaded = models.load(None)
-    model = quantize(loaded.model, make_config("rtn", QuantScheme(**quantization["scheme"]))).model
-    fake_quantize_tables(model, ExportOptions(lm_head=export["lm_head"], embedding=export["embedding"]),
-                        quantization["scheme"]["symmetric"])
+    scheme = QuantScheme(**quantization["scheme"])
+    model = quantize(loaded.model, make_config("rtn", scheme)).model
+    fake_quantize_tables(model, ExportOptions(lm_head=export["lm_head"], embedding=export["embedding"]), scheme)
     ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(EVAL_TEXT), TOKENS)
     with torch.inference_mode():
         logits = model(ids[None]).logits[0].double()
@@ -61,24 +60,11 @@ def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
     return float(np.exp(np.mean(lse - logits[np.arange(len(logits)), ids[1:]])))
 
 
-def _speed(decoder) -> tuple[float, float]:
-    long = list(range(1000, 1000 + TOKENS))
-    cache = decoder.new_cache(TOKENS)
-    start = time.perf_counter()
-    decoder.step(long, cache)
-    prefill = TOKENS / (time.perf_counter() - start)
-    cache = decoder.new_cache(PROMPT + DECODE)
-    logits = decoder.step(long[:PROMPT], cache)
-    start = time.perf_counter()
-    for _ in range(DECODE):
-        logits = decoder.step([int(logits.argmax())], cache)
-    return prefill, DECODE / (time.perf_counter() - start)
-
-
 def check(bundle: Path, ref_file: Path, out: Path) -> None:
     import onnxruntime as ort
 
     from faq_runtime.load import LoadOptions, load
+    from faq_runtime.speed import measure
 
     ref = json.loads(ref_file.read_text())
     ids = ref["ids"]
@@ -89,15 +75,16 @@ def check(bundle: Path, ref_file: Path, out: Path) -> None:
         decoder = generator.decoder
         logits = decoder.logits(ids)
         top = logits.argmax(-1)
-        speeds = [_speed(decoder) for _ in range(RUNS)]
+        # prefill: the whole parity text; decode: after a short prompt, as a chat turn runs
+        prefills = [measure(decoder, ids, 0).prefill_tokens_s for _ in range(RUNS)]
+        decodes = [measure(decoder, ids[:PROMPT], DECODE).decode_tokens_s for _ in range(RUNS)]
         prompt = generator.encode("My fellow citizens,")
         rows[name] = {
             "providers": decoder.session.get_providers(), "cache_on": str(decoder.device), "warnings": warnings,
             "agreement": float((top == np.array(ref["argmax"])).mean()),
             "agreement_float16_torch": float((top == np.array(ref["float16_argmax"])).mean()),
             "perplexity": _perplexity(logits, ids),
-            "prefill_tokens_s": statistics.median(s[0] for s in speeds),
-            "decode_tokens_s": statistics.median(s[1] for s in speeds),
+            "prefill_tokens_s": statistics.median(prefills), "decode_tokens_s": statistics.median(decodes),
             "greedy": generator.tokenizer.decode(list(generator.tokens(prompt, 24)))}
         print(name, json.dumps(rows[name]), flush=True)
     lines = ["| provider | agreement with torch float32 | perplexity (torch: {:.4f}) | prefill {} tok/s | "

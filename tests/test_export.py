@@ -192,18 +192,23 @@ def test_a_tensorrt_bundle_carries_signed_qdq_weights_that_both_runtimes_run(rea
 
 
 def test_a_cuda_bundle_is_a_float16_graph_of_our_codes(real_cache: Path, tmp_path: Path) -> None:
-    """`--provider cuda`: the builder's float16 graph for onnxruntime's CUDA provider, with our codes (the
-    build compares them) and int8 tables. No GPU here: onnxruntime's CPU provider runs it for parity and
-    generation; the CUDA run is in docs/results/cuda.md."""
+    """`--provider cuda`: the builder's float16 graph for onnxruntime's CUDA provider, with our codes and
+    float16 scales (the build compares them; at 3 bits few float32 scales would survive float16) and int8
+    tables. No GPU here: onnxruntime's CPU provider runs it for parity and generation; the CUDA run is in
+    docs/results/cuda.md."""
     out = tmp_path / "cuda"
     done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetson", "--provider", "cuda", "--method", "rtn",
-                           "--eval-tokens", "256", "--out", str(out), "--json"], capture_output=True, text=True)
+                           "--bits", "3", "--eval-tokens", "256", "--out", str(out), "--json"],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["export"]["provider"] == "cuda"
+    assert manifest["quantization"]["scheme"] == {"bits": 3, "group_size": 32, "symmetric": False,
+                                                  "scale_dtype": "float16"}
     assert manifest["target"]["compatibility"]["providers"] == ["CUDA", "CPU"]
-    assert result["perplexity_bundle"] < 1.5 * result["perplexity_float"]
+    # RTN at 3 bits costs this model about 2.1-2.2x perplexity (38.1 against 18.2 on 2,048 tokens)
+    assert result["perplexity_bundle"] < 2.5 * result["perplexity_float"]
     genai = json.loads((out / "model" / "genai_config.json").read_text())["model"]["decoder"]
     assert "cuda" in genai["session_options"]["provider_options"][0]
     graph = onnx.load(str(out / "model" / "model.onnx"), load_external_data=False).graph

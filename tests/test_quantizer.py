@@ -69,6 +69,23 @@ def test_error_is_at_most_half_a_step_inside_the_range() -> None:
     assert float((q.dequantize() - w).abs().mean()) < 0.3 * float(step.mean())
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_float16_scales_are_exact_in_float16_and_the_codes_are_chosen_for_them(symmetric: bool) -> None:
+    """A float16 graph stores float16 scales: the codes must be the nearest for the rounded scales."""
+    torch.manual_seed(3)
+    w = torch.randn(24, 96)
+    q = quantize_weight(w, QuantScheme(bits=3, group_size=32, symmetric=symmetric, scale_dtype="float16"))
+    assert torch.equal(q.scales.half().float(), q.scales)
+    assert not torch.equal(quantize_weight(w, QuantScheme(bits=3, symmetric=symmetric)).scales, q.scales)
+    nearest = torch.round(w.view(24, 3, 32) / q.scales[..., None]) + q.zeros[..., None].float()
+    assert torch.equal(q.codes.float(), nearest.clamp(0, 7).view(24, 96))
+
+
+def test_scheme_rejects_an_unknown_scale_dtype() -> None:
+    with pytest.raises(InvalidQuantConfig, match="bfloat16"):
+        QuantScheme(scale_dtype="bfloat16")
+
+
 @pytest.mark.parametrize("bits,group", [(5, 32), (1, 32), (4, 24), (4, 8), (4, 0)])
 def test_scheme_rejects_out_of_range(bits: int, group: int) -> None:
     with pytest.raises(InvalidQuantConfig):

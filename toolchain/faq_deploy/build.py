@@ -37,7 +37,7 @@ from faq_deploy.perplexity import perplexity
 from faq_deploy.qdq import set_session_level, to_qdq
 from faq_deploy.quant import describe
 from faq_deploy.quant.quantizer import QuantizedWeight, quantize_linear_
-from faq_deploy.quant.scheme import MethodConfig
+from faq_deploy.quant.scheme import MethodConfig, QuantScheme
 from faq_deploy.registry import Target
 from faq_runtime.fit import GIB
 from faq_runtime.model import Decoder
@@ -88,14 +88,17 @@ def _stage(number: int, name: str, seconds: dict[str, float]) -> Iterator[None]:
     seconds[name] = round(time.perf_counter() - start, 2)
 
 
-def fake_quantize_tables(model: nn.Module, export: ExportOptions, symmetric: bool = False
+def fake_quantize_tables(model: nn.Module, export: ExportOptions, blocks: QuantScheme | None = None
                          ) -> tuple[QuantizedWeight | None, ...]:
     """Untie the lm_head from the embedding and fake-quantize each that the export stores quantized,
     as it stores it, so the parity check compares like with like: (head, embedding), None if float.
-    `symmetric` follows the blocks' scheme (TensorRT's QDQ form takes no zero points)."""
+    Symmetry and scale precision follow the `blocks`' scheme (TensorRT's QDQ form takes no zero points;
+    a float16 graph holds float16 scales); None: the default scheme's."""
+    blocks = blocks or QuantScheme()
     head, table = model.get_output_embeddings(), model.get_input_embeddings()
     head.weight = nn.Parameter(head.weight.detach().clone())
-    return tuple(quantize_linear_(module, replace(TABLE_SCHEMES[kind], symmetric=symmetric))
+    return tuple(quantize_linear_(module, replace(TABLE_SCHEMES[kind], symmetric=blocks.symmetric,
+                                                  scale_dtype=blocks.scale_dtype))
                  if kind in TABLE_SCHEMES else None
                  for module, kind in ((head, export.lm_head), (table, export.embedding)))
 
@@ -116,6 +119,8 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
     adds the runtime's wheelhouse for the target (fetched in stage 1, before the long work); `tar` also
     writes `<out>.tar`."""
     seconds: dict[str, float] = {}
+    # the graph holds its scales in its float type: quantize for those, so codes and torch model match it
+    config = replace(config, scheme=replace(config.scheme, scale_dtype=export.activation_dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-work-") as tmp:
         work = Path(tmp)
@@ -138,7 +143,7 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             with edited_graph(model_dir) as onnx_model:
                 if TABLE_SCHEMES.keys() & {export.lm_head, export.embedding}:
                     quantize_tables(onnx_model.graph,
-                                    *fake_quantize_tables(quantized.model, export, config.scheme.symmetric))
+                                    *fake_quantize_tables(quantized.model, export, config.scheme))
                 set_accuracy_levels(onnx_model.graph, export)
                 if export.weights == "qdq":
                     to_qdq(onnx_model)

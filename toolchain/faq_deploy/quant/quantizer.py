@@ -23,7 +23,7 @@ class QuantizedWeight:
     """A Linear weight [N out, K in] as codes and per-group parameters."""
 
     codes: torch.Tensor   # uint8 [N, K], each in [0, 2^bits - 1]
-    scales: torch.Tensor  # float32 [N, ceil(K / group)]
+    scales: torch.Tensor  # float32 [N, ceil(K / group)], each a value of scheme.scale_dtype
     zeros: torch.Tensor   # uint8 [N, ceil(K / group)]
     scheme: QuantScheme
 
@@ -53,16 +53,22 @@ def grouped(weight: torch.Tensor, group: int) -> torch.Tensor:
     return weight.reshape(n, -1, group)
 
 
+def _stored(scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """`scales` rounded to the precision the graph stores them in, as float32: the zero points and
+    codes are then chosen for the scales the graph holds."""
+    return scales.clamp(min=_MIN_SCALE).to(getattr(torch, scheme.scale_dtype)).float()
+
+
 def quantize_weight(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
     n, k = weight.shape
     w = grouped(weight.detach().float(), scheme.group_size)
     if scheme.symmetric:
         half = 1 << (scheme.bits - 1)
-        scales = (w.abs().amax(dim=-1) / (half - 1)).clamp(min=_MIN_SCALE)
+        scales = _stored(w.abs().amax(dim=-1) / (half - 1), scheme)
         zeros = torch.full_like(scales, half)
     else:
         wmin, wmax = w.amin(dim=-1), w.amax(dim=-1)
-        scales = ((wmax - wmin) / scheme.max_code).clamp(min=_MIN_SCALE)
+        scales = _stored((wmax - wmin) / scheme.max_code, scheme)
         zeros = torch.round(-wmin / scales).clamp(0, scheme.max_code)
     codes = (torch.round(w / scales[..., None]) + zeros[..., None]).clamp(0, scheme.max_code)
     return QuantizedWeight(

@@ -8,6 +8,7 @@ from typing import ClassVar
 from faq_deploy.errors import InvalidQuantConfig
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+SCALE_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -15,11 +16,15 @@ class QuantScheme:
     """Groups of `group_size` consecutive input channels per output row, `bits` per code.
 
     Asymmetric (default): integer zero point per group. Symmetric: codes offset by 2^(bits-1).
+    `scale_dtype` is the precision the scales are stored in: a float16 graph (CUDA) holds its
+    MatMulNBits scales in float16, so they are rounded to it before the codes are chosen, and the
+    codes, the torch model and the graph all agree on the same scales.
     """
 
     bits: int = 4
     group_size: int = 32
     symmetric: bool = False
+    scale_dtype: str = "float32"  # one of SCALE_DTYPES
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -29,6 +34,9 @@ class QuantScheme:
         if g < 16 or g & (g - 1):
             raise InvalidQuantConfig(f"group size {g} is not a power of two ≥ 16",
                                      "use 16, 32, 64, 128 or 256")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise InvalidQuantConfig(f"scale dtype {self.scale_dtype!r} is not supported",
+                                     f"use {' or '.join(SCALE_DTYPES)}")
 
     @property
     def max_code(self) -> int:
@@ -39,9 +47,6 @@ class QuantScheme:
         """Bits of the MatMulNBits node that stores these codes: no kernel takes bits=3, so 3-bit
         codes travel in a 4-bit container (exact: codes < 8 are valid 4-bit codes)."""
         return 4 if self.bits == 3 else self.bits
-
-    def to_dict(self) -> dict[str, int | bool]:
-        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
 
 
 @dataclass(frozen=True)
