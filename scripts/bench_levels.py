@@ -29,7 +29,7 @@ from faq_deploy.build import PARITY_TOKENS, fake_quantize_tables
 from faq_deploy.data import eval_tokens, load_corpus
 from faq_deploy.export import ExportOptions, edited_graph, export_builder, quantize_tables, set_accuracy_levels
 from faq_deploy.parity import compare, onnx_logits
-from faq_deploy.perplexity import perplexity
+from faq_deploy.perplexity import WINDOW, perplexity
 from faq_deploy.quant import make_config, quantize
 from faq_deploy.quant.scheme import QuantScheme
 from faq_runtime.model import Decoder
@@ -47,10 +47,13 @@ PROMPT, DECODE = 128, 64
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, choices=(3, 4), default=4)
-    parser.add_argument("--tokens", type=int, default=2048, help="held-out tokens (speeches-eval) for perplexity")
+    parser.add_argument("--tokens", type=int, default=2048,
+                        help="held-out tokens (speeches-eval) for perplexity: at least one 1,024-token window")
     parser.add_argument("--runs", type=int, default=3, help="speed runs per policy, interleaved")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "levels")
     args = parser.parse_args()
+    if args.tokens < WINDOW:
+        parser.error(f"--tokens {args.tokens} does not fill one {WINDOW}-token perplexity window")
     loaded = models.load(None)
     ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus("speeches-eval"),
                       max(args.tokens, PARITY_TOKENS))

@@ -33,7 +33,7 @@ from faq_deploy.export import (
 from faq_deploy.fetch import folder_bytes
 from faq_deploy.jobs import quantize_loaded
 from faq_deploy.parity import Parity, compare, onnx_logits
-from faq_deploy.perplexity import perplexity
+from faq_deploy.perplexity import WINDOW, perplexity
 from faq_deploy.qdq import set_session_level, to_qdq
 from faq_deploy.quant import describe
 from faq_deploy.quant.quantizer import QuantizedWeight, quantize_linear_
@@ -130,7 +130,7 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             _checked(target, config, export, estimate, force)
             wheel_line = wheelhouse.download(target, work / "wheels") if wheels else None
             ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(EVAL_TEXT), max(n_eval, PARITY_TOKENS))
-            scored, window = ids[:n_eval], min(1024, n_eval)
+            scored, window = ids[:n_eval], min(WINDOW, n_eval)
             float_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
             before = perplexity(loaded.model, scored, window)
         with _stage(2, f"quantize ({config.method})", seconds):

@@ -24,6 +24,7 @@ class Perplexity:
 
 
 Logits = Callable[[torch.Tensor], torch.Tensor]  # token ids [window] → logits [window, vocab]
+WINDOW = 1024  # MEASURE.md's default
 
 
 def torch_logits(model: PreTrainedModel) -> Logits:
@@ -31,7 +32,7 @@ def torch_logits(model: PreTrainedModel) -> Logits:
 
 
 @torch.inference_mode()
-def perplexity(model: PreTrainedModel | Logits, tokens: torch.Tensor, window: int = 1024) -> Perplexity:
+def perplexity(model: PreTrainedModel | Logits, tokens: torch.Tensor, window: int = WINDOW) -> Perplexity:
     """exp(mean NLL) over ⌊len(tokens) / window⌋ windows; a trailing remainder is not scored.
     `model` is a torch model or any function from token ids to logits (an ONNX session, say)."""
     logits_of = torch_logits(model) if isinstance(model, PreTrainedModel) else model

@@ -10,6 +10,7 @@ from faq_deploy.cli.options import emit, json_option, model_option, table
 from faq_deploy.cli.quant_options import quant_options, quant_request
 from faq_deploy.data import Calibration
 from faq_deploy.jobs import run_eval
+from faq_deploy.perplexity import WINDOW
 from faq_deploy.quant import METHODS
 
 
@@ -22,7 +23,7 @@ from faq_deploy.quant import METHODS
               help="speeches-eval, speeches-calib, speeches:FIRST-LAST, a .txt file or a folder of them.")
 @click.option("--tokens", type=click.IntRange(min=2), default=20480, show_default=True,
               help="Token budget: the first N tokens of the text.")
-@click.option("--ppl-window", type=click.IntRange(min=2), default=1024, show_default=True,
+@click.option("--ppl-window", type=click.IntRange(min=2), default=WINDOW, show_default=True,
               help="Non-overlapping window length; the first token of each is context only.")
 @json_option
 def eval_cmd(model_spec: str | None, method: str | None, text: str, tokens: int, ppl_window: int, as_json: bool,
