@@ -206,6 +206,8 @@ def test_a_cuda_bundle_is_a_float16_graph_of_our_codes(real_cache: Path, tmp_pat
     assert manifest["export"]["provider"] == "cuda"
     assert manifest["quantization"]["scheme"] == {"bits": 3, "group_size": 32, "symmetric": False,
                                                   "scale_dtype": "float16"}
+    shown = subprocess.run([*FAQ_DEPLOY, "inspect", str(out)], capture_output=True, text=True).stdout
+    assert "rtn w3 g32, float16 scales" in shown and "builder graph for cuda" in shown
     assert manifest["target"]["compatibility"]["providers"] == ["CUDA", "CPU"]
     # RTN at 3 bits costs this model about 2.1-2.2x perplexity (38.1 against 18.2 on 2,048 tokens)
     assert result["perplexity_bundle"] < 2.5 * result["perplexity_float"]

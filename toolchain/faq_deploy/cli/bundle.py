@@ -21,9 +21,17 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
         click.echo(json.dumps(manifest, indent=2))
         return
     q, ev, mem = manifest["quantization"], manifest["evaluation"], manifest["memory"]
+    # keys that came later in schema 1 default to what the bundles before them held
+    scheme, export = q["scheme"], manifest.get("export", {})
+    quantization = f"{q['method']} w{scheme['bits']} g{scheme['group_size']}"
+    quantization += " symmetric" if scheme.get("symmetric") else ""
+    quantization += f", {scheme['scale_dtype']} scales" if scheme.get("scale_dtype", "float32") != "float32" else ""
     emit({"bundle_id": manifest["bundle_id"], "created": manifest["created"],
           "source": manifest["source"]["name"], "target": manifest["target"]["name"],
-          "quantization": f"{q['method']} w{q['scheme']['bits']} g{q['scheme']['group_size']}",
+          "quantization": quantization,
+          "export": (f"{export.get('exporter', 'builder')} graph for {export.get('provider', 'cpu')}, "
+                     f"{export.get('weights', 'matmulnbits')} at accuracy level {export.get('accuracy_level', 4)}, "
+                     f"lm_head {export.get('lm_head', 'float')}, embedding {export.get('embedding', 'float')}"),
           "weights_mb": round(mem["weights_bytes"] / 1e6, 1),
           "perplexity": f"{ev['perplexity_float']} float → {ev['perplexity_bundle']} bundle",
           "files": len(manifest["files"])}, as_json=False)
