@@ -3,7 +3,8 @@
 torch.onnx's dynamo exporter traces the checkpoint's fake-quantized model behind a wrapper with flat
 KV tensors named like the builder's, so the runtime runs either graph; then every MatMul whose
 constant weight belongs to a quantized Linear becomes a MatMulNBits node over our codes. The float
-weights the trace saw are exactly those codes dequantized, so nothing is re-quantized.
+weights the trace saw are those codes dequantized (in float16 for a CUDA graph); they are replaced,
+never re-quantized.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class FlatKV(nn.Module):
 def export_dynamo(ckpt: Path, out: Path, options: ExportOptions) -> Path:
     """Export the checkpoint at `ckpt` into the model folder `out` (replaced atomically)."""
     loaded = checkpoint.load(ckpt)
-    model = loaded.model
+    # traced in the graph's float type: for CUDA every op, the cache and the logits are float16
+    model = loaded.model.to(getattr(torch, options.activation_dtype))
     head = model.get_output_embeddings()
     head.weight = nn.Parameter(head.weight.detach().clone())  # untied: the head and the table each get a node
     model.config.tie_word_embeddings = False
@@ -61,7 +63,7 @@ def export_dynamo(ckpt: Path, out: Path, options: ExportOptions) -> Path:
         _trace(model, tmp / MODEL_FILE)
         with edited_graph(tmp) as graph:
             _to_matmulnbits(graph.graph, model, loaded.weights, options.accuracy_level)
-        (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(model.config), indent=4))
+        (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(model.config, options.provider), indent=4))
         loaded.tokenizer.save_pretrained(tmp)
     return out
 
@@ -71,7 +73,7 @@ def _trace(model: PreTrainedModel, path: Path) -> None:
     layers, kv_heads, head_size = config.num_hidden_layers, config.num_key_value_heads, _head_size(config)
     # Example shapes only fix the rank: every axis below is dynamic (a past of 0 runs, measured). Sizes
     # of 1 would be specialised by torch.export, hence 2 new tokens after 3 cached ones.
-    past = [torch.zeros(1, kv_heads, 3, head_size) for _ in range(2 * layers)]
+    past = [torch.zeros(1, kv_heads, 3, head_size, dtype=model.dtype) for _ in range(2 * layers)]
     example = (torch.ones(1, 2, dtype=torch.long), torch.ones(1, 5, dtype=torch.long), torch.tensor([[3, 4]]), *past)
     tokens = {0: "batch", 1: "sequence"}
     shapes = (tokens, {0: "batch", 1: "total_sequence"}, tokens, ({0: "batch", 2: "past_sequence"},) * len(past))
@@ -134,8 +136,9 @@ def _head_size(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def genai_config(config: PretrainedConfig) -> dict:
-    """genai_config.json for the traced graph: what the runtime and onnxruntime-genai read from it."""
+def genai_config(config: PretrainedConfig, provider: str) -> dict:
+    """genai_config.json for the traced graph: what the runtime and onnxruntime-genai read from it
+    (the provider options as the builder writes them: none for the CPU)."""
     eos = config.eos_token_id
     return {
         "model": {
@@ -144,7 +147,8 @@ def genai_config(config: PretrainedConfig) -> dict:
             "context_length": config.max_position_embeddings, "vocab_size": config.vocab_size,
             "type": config.model_type,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {"log_id": "onnxruntime-genai",
+                                    "provider_options": [] if provider == "cpu" else [{provider: {}}]},
                 "filename": MODEL_FILE, "head_size": _head_size(config), "hidden_size": config.hidden_size,
                 "num_attention_heads": config.num_attention_heads, "num_hidden_layers": config.num_hidden_layers,
                 "num_key_value_heads": config.num_key_value_heads,

@@ -82,17 +82,14 @@ class ExportOptions:
                                   f"use {' or '.join(FLOAT_ACTIVATION_NODES)}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ExportError(f"accuracy_level {self.accuracy_level} is not 0–4", "use 4 (int8) or 0 (float)")
-        if self.exporter == "dynamo" and self.provider != "cpu":
-            raise ExportError("the dynamo exporter writes float32 graphs for the CPU provider only",
-                              "use --exporter builder for a CUDA graph")
         if self.float_activations and self.weights == "qdq":
             raise ExportError("a QDQ graph has no per-node accuracy level (onnxruntime's CPU provider sets one "
                               "for the whole session)", "drop --float-activations, or build MatMulNBits weights")
 
     @property
     def activation_dtype(self) -> str:
-        """The graph's float type: the builder writes float16 graphs for CUDA (accuracy levels are a CPU
-        matter: CUDA's MatMulNBits computes in float16)."""
+        """The graph's float type: both exporters write float16 graphs for CUDA (accuracy levels are a
+        CPU matter: CUDA's MatMulNBits computes in float16)."""
         return "float16" if self.provider == "cuda" else "float32"
 
     def accuracy_level_of(self, node_name: str, bits: int) -> int:

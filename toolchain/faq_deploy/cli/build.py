@@ -24,10 +24,10 @@ from faq_deploy.export import EXPORTERS, FLOAT_ACTIVATION_NODES, PROVIDERS, TABL
               help="Bundle folder to write (replaced when the build succeeds) [default: build/<model>-<target>].")
 @click.option("--exporter", type=click.Choice(EXPORTERS), default=None,
               help="builder: onnxruntime-genai's fused graph; dynamo: torch.onnx (opset 23) for architectures the "
-                   "builder does not know (float32, CPU provider; about 1.5 min for the default model) "
+                   "builder does not know (about 1.5 min for the default model) "
                    "[default: the target's].")
 @click.option("--provider", type=click.Choice(PROVIDERS), default=None,
-              help="The execution provider the builder's graph is made for: cpu (float32, int8 activations at "
+              help="The execution provider the graph is made for: cpu (float32, int8 activations at "
                    "accuracy level 4) or cuda (float16: on an H100 it agreed with the torch model on 99.4% of next "
                    "tokens; onnxruntime's CPU provider runs it too) [default: cuda when the target prefers CUDA].")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
