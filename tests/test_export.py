@@ -322,8 +322,14 @@ def test_dynamo_exports_each_registered_layout(architecture: str, default_model,
     folder = checkpoint.save(result, default_model.tokenizer, default_model.ref, tmp_path / "ckpt")
     model_dir = export_dynamo(folder, tmp_path / "model", ExportOptions(exporter="dynamo", accuracy_level=0))
     assert check_codes(model_dir, result.weights) == len(result.weights) == 7 * 3
-    parity = compare(result.model, Decoder(model_dir), tiny_calibration(1, 48)[0])
+    decoder = Decoder(model_dir)
+    ids = tiny_calibration(1, 48)[0]
+    parity = compare(result.model, decoder, ids)
     assert parity.max_rel_diff <= 1e-4 and parity.argmax_agreement == 1.0, parity
+    # generation's path: a prompt, then one token at a time through the session-held cache
+    full, cache = decoder.logits(ids.tolist()), decoder.new_cache(len(ids))
+    stepped = [decoder.step(ids[:32].tolist(), cache)] + [decoder.step([int(t)], cache) for t in ids[32:]]
+    assert np.abs(np.stack(stepped) - full[31:]).max() <= 1e-4 * np.abs(full).max()
 
 
 def test_dynamo_writes_a_float16_graph_for_cuda(default_model, tmp_path: Path) -> None:

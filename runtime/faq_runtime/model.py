@@ -144,50 +144,59 @@ class Decoder:
 
     def _run(self, batch: np.ndarray, cache: Cache) -> np.ndarray:
         length = batch.shape[1]
-        if cache.binding is None:
-            logits, cache.arrays = self.forward(batch, cache.arrays)
+        cache.binding.bind_cpu_input("input_ids", batch)
+        for name, value in self._positions(cache.length, length).items():
+            cache.binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        # One-token steps reuse one logits buffer and read it directly (get_outputs() would wrap
+        # all 61 outputs: 0.7 ms a step, measured); a prompt's shape varies, so ORT allocates it
+        if length == 1:
+            cache.binding.bind_ortvalue_output("logits", cache.step_logits)
+            self.session.run_with_iobinding(cache.binding)
+            logits = cache.step_logits.numpy()
         else:
-            cache.binding.bind_cpu_input("input_ids", batch)
-            for name, value in self._positions(cache.length, length).items():
-                cache.binding.bind_cpu_input(name, np.ascontiguousarray(value))
-            # One-token steps reuse one logits buffer and read it directly (get_outputs() would wrap
-            # all 61 outputs: 0.7 ms a step, measured); a prompt's shape varies, so ORT allocates it
-            if length == 1:
-                cache.binding.bind_ortvalue_output("logits", cache.step_logits)
-                self.session.run_with_iobinding(cache.binding)
-                logits = cache.step_logits.numpy()
-            else:
-                cache.binding.bind_output("logits", "cpu")
-                self.session.run_with_iobinding(cache.binding)
-                logits = cache.binding.get_outputs()[0].numpy()
-        cache.length += length
+            cache.binding.bind_output("logits", "cpu")
+            self.session.run_with_iobinding(cache.binding)
+            logits = cache.binding.get_outputs()[0].numpy()
+        cache.advance(length)
         return logits
 
 
 class Cache:
-    """The KV cache of one sequence of at most `capacity` tokens.
+    """The KV cache of one sequence of at most `capacity` tokens, kept where attention runs.
 
     On a shared-buffer graph every past/present pair is one preallocated buffer of `capacity`
-    positions, bound as both input and output: a step writes only its new positions, where feeding
-    numpy arrays would copy the whole cache in and out at every token."""
+    positions, bound as both input and output: a step writes only its new positions. Other graphs
+    (the dynamo exporter's) return the grown cache as new tensors: those stay in the session's
+    memory and are bound as the next step's past, where numpy arrays would carry the whole cache
+    out and back at every token (to the GPU and back, in a CUDA session)."""
 
     def __init__(self, decoder: Decoder, capacity: int) -> None:
         self.capacity, self.length = capacity, 0
-        self.arrays: dict[str, np.ndarray] = {}
-        self.binding: ort.IOBinding | None = None
-        if not decoder.spec.share_buffer:
-            self.arrays = decoder.empty_cache()
-            return
         spec = decoder.spec
+        self.shared, self.device = spec.share_buffer, decoder.device
         self.binding = decoder.session.io_binding()
         self.binding.bind_output("logits", "cpu")  # bound first: output 0 whatever is rebound later
-        self._buffers = []  # the binding does not own them: keep them alive with the cache
-        for layer in range(spec.layers):
-            for past, present in ((spec.past_key, spec.present_key), (spec.past_value, spec.present_value)):
-                buffer = ort.OrtValue.ortvalue_from_shape_and_type(
-                    [1, spec.kv_heads, capacity, spec.head_size], decoder.kv_dtype, decoder.device, 0)
-                self.binding.bind_ortvalue_input(past % layer, buffer)
-                self.binding.bind_ortvalue_output(present % layer, buffer)
-                self._buffers.append(buffer)
+        self.names = [(past % layer, present % layer) for layer in range(spec.layers)
+                      for past, present in ((spec.past_key, spec.present_key), (spec.past_value, spec.present_value))]
+        positions = capacity if self.shared else 0
+        # the binding does not own the buffers: the cache keeps them alive
+        self.values = [ort.OrtValue.ortvalue_from_shape_and_type(
+            [1, spec.kv_heads, positions, spec.head_size], decoder.kv_dtype, self.device, 0) for _ in self.names]
+        for (past, present), value in zip(self.names, self.values, strict=True):
+            self.binding.bind_ortvalue_input(past, value)
+            if self.shared:
+                self.binding.bind_ortvalue_output(present, value)
+            else:
+                self.binding.bind_output(present, self.device)
         self.step_logits = ort.OrtValue.ortvalue_from_shape_and_type(
             [1, 1, spec.vocab_size], decoder.logits_dtype, "cpu", 0)
+
+    def advance(self, length: int) -> None:
+        """After a run of `length` tokens: the presents it returned become the past of the next."""
+        self.length += length
+        if self.shared:
+            return
+        self.values = self.binding.get_outputs()[1:]
+        for (past, present), value in zip(self.names, self.values, strict=True):
+            self.binding.bind_ortvalue_input(past, value)
+            self.binding.bind_output(present, self.device)
