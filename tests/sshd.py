@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+MAX_SESSIONS = 100  # channels sshd opens on one connection
 SFTP_SERVER = next((p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
                                 "/usr/libexec/sftp-server") if os.path.exists(p)), "internal-sftp")
 
@@ -46,7 +47,8 @@ class Sshd:
             f"PidFile {folder / 'sshd.pid'}", f"AuthorizedKeysFile {self.authorized}", "StrictModes no",
             "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "PermitRootLogin prohibit-password", "UsePAM no", "PermitUserEnvironment FAQ_PROBE_ROOT",
-            f"Subsystem sftp {SFTP_SERVER}", "AllowTcpForwarding yes", "MaxStartups 100", "MaxSessions 100",
+            f"Subsystem sftp {SFTP_SERVER}", "AllowTcpForwarding yes", "MaxStartups 100",
+            f"MaxSessions {MAX_SESSIONS}",
             "LogLevel ERROR", "",
         ]))
         os.makedirs("/run/sshd", exist_ok=True)  # privilege separation directory

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAQ_DEPLOY
-from sshd import FaultProxy, Sshd
+from sshd import MAX_SESSIONS, FaultProxy, Sshd
 
 from faq_deploy import bundle
 from faq_deploy.errors import ConnectionFailed, DiskFull
@@ -205,6 +205,21 @@ def test_a_link_that_dies_under_the_lock_reports_the_failure_not_an_error_from_c
         with pytest.raises(ConnectionFailed), device.locked("test", 1.0, lambda holder: None):
             connection.transport.sock.shutdown(socket.SHUT_WR)
             device.op("state")
+
+
+def test_a_link_found_dead_after_an_upload_failed_keeps_that_failure(box: Box) -> None:
+    """After a failed upload the deployer asks the device whether its disk filled; on a link that is
+    dead before paramiko noticed, that question must not put "cannot open a channel" in place of the
+    upload's "link lost at …, re-run to resume" (seen once in CI). Made deterministic: with sshd's
+    MaxSessions taken, the question's channel is refused while the transport is still active."""
+    with connect(sshconfig.resolve(box.alias, sshconfig.load(box.config))) as connection:
+        device = Device(connection, str(box.root))
+        held = [connection.open_channel() for _ in range(MAX_SESSIONS)]
+        with pytest.raises(ConnectionFailed, match="cannot open a channel"):
+            connection.open_channel()
+        assert connection.transport.is_active()
+        deploy._explain_full_disk(device, 1)  # returns: the upload's own failure will be raised
+        assert all(channel.active for channel in held)
 
 
 def test_a_corrupted_staged_file_is_detected_deleted_and_sent_again(box: Box, bundles: dict) -> None:

@@ -210,10 +210,14 @@ def _check_disk(bundle: Bundle, device: Device, remaining: int, wheels: bool, st
 
 
 def _explain_full_disk(device: Device, remaining: int) -> None:
-    """A write that failed on a live link is the device's disk (SFTP says only "Failure")."""
+    """A write that failed on a live link is the device's disk (SFTP says only "Failure"). The link
+    may be dead before paramiko notices (is_active() still true): then the upload's failure stands."""
     if not device.connection.transport.is_active():
         return
-    free = device.op("state")["free_bytes"]
+    try:
+        free = device.op("state")["free_bytes"]
+    except ConnectionFailed:
+        return
     if free is not None and free < 1 << 20:
         raise DiskFull(f"{device.connection.host}: the device's disk filled up during the upload "
                        f"({_mb(free)} free under {device.root}, {_mb(remaining)} were still to send)",
