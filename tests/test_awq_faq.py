@@ -20,14 +20,13 @@ from faq_deploy.quant.awq import (
     AwqConfig,
     activation_statistics,
     apply_scale,
-    block_inputs,
     channel_mean_abs,
     local_loss,
     quantize_awq,
-    run_block,
     search_scale,
     window_loss,
 )
+from faq_deploy.quant.blocks import block_inputs, run_block
 from faq_deploy.quant.faq import FaqConfig, future, guide, mix
 from faq_deploy.quant.quantizer import quantize_weight
 from faq_deploy.quant.scheme import QuantScheme
@@ -74,8 +73,11 @@ def _same(a: dict, b: dict, names: list[str]) -> bool:
 def test_gamma_zero_is_awq_and_the_last_block_never_changes(architecture: str) -> None:
     calibration = tiny_calibration()
     awq = _codes(quantize(tiny_model(architecture), make_config("awq", SCHEME), calibration).weights)
-    gamma0 = _codes(quantize(tiny_model(architecture), make_config("faq", SCHEME, gamma=0.0), calibration).weights)
-    faq = _codes(quantize(tiny_model(architecture), make_config("faq", SCHEME, gamma=1.0, scope="all"),
+    # FAQ's own defaults round by GPTQ after a cheaper search; with AWQ's, γ = 0 is AWQ bit for bit
+    as_awq = {"rounding": "nearest", "coarse": 1, "search_rows": AwqConfig.search_rows}
+    gamma0 = _codes(quantize(tiny_model(architecture), make_config("faq", SCHEME, gamma=0.0, **as_awq),
+                             calibration).weights)
+    faq = _codes(quantize(tiny_model(architecture), make_config("faq", SCHEME, gamma=1.0, scope="all", **as_awq),
                           calibration).weights)
     assert _same(awq, gamma0, list(awq))
     last = [n for n in awq if n.startswith("model.layers.2.")]
@@ -242,8 +244,8 @@ def test_window_loss_is_the_error_at_the_end_of_the_window_and_its_search_minimi
     a = activation_statistics(model, calibration)[0, group.name]
     config = AwqConfig(scheme=SCHEME)
     fp = run_block(block, x, kwargs, {group.inspect}, {group.inspect})
-    by_window = search_scale(block, group, a, config, loss)
-    by_module = search_scale(block, group, a, config, local_loss(block, group, fp))
+    by_window = search_scale(block, group, a, config, config.scheme, loss)
+    by_module = search_scale(block, group, a, config, config.scheme, local_loss(block, group, fp))
     assert not torch.equal(by_window, by_module)
     (window, through_model), (other, _) = errors(by_window), errors(by_module)
     assert window == pytest.approx(through_model, rel=1e-4)

@@ -88,6 +88,22 @@ def test_quantize_then_eval_the_checkpoint(tmp_path: Path, real_cache: Path) -> 
     assert twice.exit_code == 5 and "already a quantized checkpoint" in twice.output
 
 
+def test_eval_scores_a_shipped_bundle_as_its_build_did(x86_bundle: Path) -> None:
+    """`eval --model BUNDLE` runs the exported graph through onnxruntime: on the build's own tokens and
+    window it repeats the build's figure; a second domain and the bare model folder work the same way."""
+    manifest = json.loads((x86_bundle / "manifest.json").read_text())
+    tokens = str(manifest["evaluation"]["tokens"])
+    shipped = json.loads(invoke("eval", "--model", str(x86_bundle), "--tokens", tokens, "--ppl-window", tokens,
+                                "--json").stdout)
+    assert shipped["perplexity"] == manifest["evaluation"]["perplexity_bundle"]
+    assert (shipped["method"], shipped["bits"], shipped["device"]) == ("rtn", 4, "onnxruntime-cpu")
+    folder = json.loads(invoke("eval", "--model", str(x86_bundle / "model"), "--text", "bible-kjv", "--tokens", "512",
+                               "--ppl-window", "256", "--json").stdout)
+    assert folder["method"] == "onnx" and folder["text"] == "bible-kjv" and 1 < folder["perplexity"] < 100
+    refused = invoke("eval", "--model", str(x86_bundle), "--quantize", "rtn")
+    assert refused.exit_code == 5 and "already quantized" in refused.output
+
+
 def test_model_and_text_listings(real_cache: Path) -> None:
     info = json.loads(invoke("models", "info", "--json").stdout)
     assert (info["architecture"], info["layers"], info["hidden"], info["kv_heads"]) == ("LlamaForCausalLM", 30, 576, 3)
@@ -95,3 +111,4 @@ def test_model_and_text_listings(real_cache: Path) -> None:
     assert listed[0]["name"] == "SmolLM2-135M-Instruct" and listed[0]["cached"] is True
     corpora = {row["name"]: row for row in json.loads(invoke("text", "list", "--json").stdout)}
     assert corpora["speeches-eval"]["first"] == "2026-Trump-1"
+    assert (corpora["bible-kjv"]["documents"], corpora["bible-kjv"]["first"]) == (66, "Genesis")

@@ -108,7 +108,16 @@ def test_a_changed_code_is_caught(quantized, level0: Path) -> None:
         check_codes(model_dir, {**result.weights, "model.layers.99.mlp.up_proj": weights[name]})
 
 
-@pytest.mark.parametrize("lm_head, embedding", [("int4", "int8"), ("float", "int4")])
+def _stored(graph: onnx.GraphProto, name: str) -> np.ndarray:
+    """The initializer behind `name`, through the Reshape and Cast nodes onnxruntime folds at load."""
+    made_by = {n.output[0]: n for n in graph.node}
+    while name in made_by:
+        assert made_by[name].op_type in ("Reshape", "Cast"), made_by[name]
+        name = made_by[name].input[0]
+    return onnx.numpy_helper.to_array(next(t for t in graph.initializer if t.name == name)).copy()
+
+
+@pytest.mark.parametrize("lm_head, embedding", [("int4", "int8"), ("float", "int4"), ("int8", "int8")])
 def test_quantized_tables_carry_our_codes_and_match_torch(quantized, level0: Path, eval_ids, tmp_path: Path,
                                                           lm_head: str, embedding: str) -> None:
     loaded, _, _ = quantized
@@ -119,9 +128,12 @@ def test_quantized_tables_carry_our_codes_and_match_torch(quantized, level0: Pat
         quantize_tables(edited.graph, head, table)
     graph = onnx.load(str(folder / "model.onnx"))
     gather = next(n for n in graph.graph.node if n.name == "/model/embed_tokens/GatherBlockQuantized")
-    arrays = {t.name: onnx.numpy_helper.to_array(t).copy() for t in graph.graph.initializer if t.name in gather.input}
+    logits = next(n for n in graph.graph.node if n.output[0] == "logits")
+    # the tied table quantized alike for both is stored once: the lookup reads the head's arrays
+    shared = lm_head == embedding
+    assert (gather.input[2:] == logits.input[2:]) == shared
     bits = {a.name: a.i for a in gather.attribute}["bits"]
-    data, scales, zeros = (arrays[gather.input[i]] for i in (0, 2, 3))
+    data, scales, zeros = (_stored(graph.graph, gather.input[i]) for i in (0, 2, 3))
     stored = from_matmulnbits(MatMulNBitsWeights(data.reshape(data.shape[0], scales.shape[1], -1), scales, zeros,
                                                  k=table.shape[1], n=table.shape[0], bits=bits, block_size=32),
                               table.scheme)
@@ -257,6 +269,12 @@ def test_build_writes_a_verified_bundle(built: tuple[Path, dict]) -> None:
     assert levels.pop(head.name) == (0 if float_head else 4) and set(levels.values()) == {4}
     table = next(n for n in graph.graph.node if "input_ids" in n.input[1:2])
     assert table.op_type == "GatherBlockQuantized" and {a.name: a.i for a in table.attribute}["bits"] == 8
+    # one 8-bit table for the tied pair; every scale stored in float16 and cast back at load
+    made_by = {n.output[0]: n for n in graph.graph.node}
+    assert made_by[table.input[0]].input[0] == head.input[1] and table.input[2:] == head.input[2:]
+    stored = {t.name: t.data_type for t in graph.graph.initializer}
+    scales = {n.input[2] for n in graph.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    assert {stored[made_by[name].input[0]] for name in scales} == {TensorProto.FLOAT16}
     assert {f["path"] for f in manifest["files"]} >= {"model/model.onnx", "model/model.onnx.data",
                                                       "model/genai_config.json", "model/tokenizer.json", "REPORT.md"}
     assert result["perplexity_bundle"] < 1.5 * result["perplexity_float"]

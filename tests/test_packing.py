@@ -9,6 +9,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from faq_deploy.export import store_scales_in_float16
 from faq_deploy.quant.packing import MatMulNBitsWeights, from_matmulnbits, pack, to_matmulnbits, unpack
 from faq_deploy.quant.quantizer import quantize_weight
 from faq_deploy.quant.scheme import QuantScheme
@@ -97,3 +98,22 @@ def test_fast_int8_path_agrees_closely() -> None:
     exact = run_matmulnbits(a, to_matmulnbits(quantized), accuracy_level=0)
     fast = run_matmulnbits(a, to_matmulnbits(quantized), accuracy_level=4)
     assert np.abs(fast - exact).max() <= 2e-2 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_scales_stored_in_float16_give_the_same_products(level: int) -> None:
+    """Scales chosen in float16 travel as float16 behind a Cast: half the bytes, the same kernel inputs."""
+    torch.manual_seed(5)
+    weight = torch.randn(64, 576)
+    exact = to_matmulnbits(quantize_weight(weight, QuantScheme(4, 32, scale_dtype="float16")))
+    inexact = to_matmulnbits(quantize_weight(weight, QuantScheme(4, 32)))
+    a = np.random.default_rng(3).standard_normal((8, 576)).astype(np.float32)
+    for packed, halved in ((exact, True), (inexact, False)):
+        model = matmulnbits_model(576, packed, level)
+        expected = run_model(model, a)
+        saved = store_scales_in_float16(model.graph)
+        kinds = {t.name: t.data_type for t in model.graph.initializer}
+        assert (saved == packed.scales.size * 2) == halved and ("scales" in kinds) != halved
+        assert halved == (kinds.get("scales.float16") == TensorProto.FLOAT16)
+        onnx.checker.check_model(model)
+        np.testing.assert_array_equal(run_model(model, a), expected)

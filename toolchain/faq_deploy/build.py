@@ -29,6 +29,8 @@ from faq_deploy.export import (
     export_builder,
     quantize_tables,
     set_accuracy_levels,
+    store_scales_in_float16,
+    weight_files_bytes,
 )
 from faq_deploy.fetch import folder_bytes
 from faq_deploy.jobs import quantize_loaded
@@ -113,20 +115,20 @@ def _checked(target: Target, config: MethodConfig, export: ExportOptions, footpr
 
 def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibration, target: Target, out: Path,
               export: ExportOptions, n_eval: int, context: int, *, force: bool = False, wheels: bool = False,
-              tar: bool = False) -> BuildResult:
+              tar: bool = False, budget_bytes: int | None = None) -> BuildResult:
     """Build a bundle of `model_spec` for `target`. The target's checks run on an estimate right after
     loading (so a build that cannot work stops in seconds) and again on the exported files. `wheels`
     adds the runtime's wheelhouse for the target (fetched in stage 1, before the long work); `tar` also
-    writes `<out>.tar`."""
+    writes `<out>.tar`; `budget_bytes` caps the weight files by mixed precision (jobs.quantize_loaded)."""
     seconds: dict[str, float] = {}
-    # the graph holds its scales in its float type: quantize for those, so codes and torch model match it
-    config = replace(config, scheme=replace(config.scheme, scale_dtype=export.activation_dtype))
+    # quantize for the scales the graph holds, so codes, torch model and graph all agree on them
+    config = replace(config, scheme=replace(config.scheme, scale_dtype=export.scale_dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-work-") as tmp:
         work = Path(tmp)
         with _stage(1, "load model and held-out text" + (", download wheels" if wheels else ""), seconds):
             loaded = models.load(model_spec)
-            estimate = checks.estimate(loaded.model, config.scheme, export.activation_dtype, context, export)
+            estimate = checks.estimate(loaded.model, config, context, export)
             _checked(target, config, export, estimate, force)
             wheel_line = wheelhouse.download(target, work / "wheels") if wheels else None
             ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(EVAL_TEXT), max(n_eval, PARITY_TOKENS))
@@ -134,9 +136,10 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             float_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
             before = perplexity(loaded.model, scored, window)
         with _stage(2, f"quantize ({config.method})", seconds):
-            quantized = quantize_loaded(loaded, config, calibration)
+            quantized = quantize_loaded(loaded, config, calibration, budget_bytes, export)
+            config = quantized.config  # with the budget's schemes
         with _stage(3, f"export ({export.exporter})", seconds):
-            used = calibration if config.needs_calibration else None
+            used = calibration if config.needs_calibration or budget_bytes else None
             ckpt = checkpoint.save(quantized, loaded.tokenizer, loaded.ref, work / "checkpoint", used)
             model_dir = _EXPORT[export.exporter](ckpt, work / "model", export)
             modules = check_codes(model_dir, quantized.weights)
@@ -148,6 +151,10 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
                 if export.weights == "qdq":
                     to_qdq(onnx_model)
                     set_session_level(model_dir, export.accuracy_level)
+                store_scales_in_float16(onnx_model.graph)
+            if budget_bytes and (written := weight_files_bytes(model_dir)) > budget_bytes:
+                raise ExportError(f"the weight files hold {written:,} bytes, over the budget of {budget_bytes:,}",
+                                  "report this (the estimate missed); a slightly lower --budget builds")
         with _stage(4, "parity with the quantized torch model", seconds):
             decoder = Decoder(model_dir)
             parity = compare(quantized.model, decoder, ids[:PARITY_TOKENS])
@@ -173,7 +180,7 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             sections = {
                 "source": {"name": loaded.ref.name, "kind": loaded.ref.kind, "sha256": loaded.ref.sha256},
                 "quantization": {**describe(config), "calibration": asdict(used) if used else None,
-                                 "modules": modules},
+                                 "modules": modules, "budget_bytes": budget_bytes},
                 "export": asdict(export),
                 "target": {"name": target.name, "description": target.description,
                            "compatibility": checks.requirements(target, footprint, export, wheel_line)},

@@ -60,16 +60,16 @@ def _olive_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor
 
 def save(quantized: QuantizedModel, tokenizer: PreTrainedTokenizerBase, source: ModelRef,
          out: str | os.PathLike, calibration: Calibration | None = None) -> Path:
-    """Write the checkpoint atomically: `out` appears complete or not at all."""
-    schemes = {w.scheme for w in quantized.weights.values()}
-    if len(schemes) != 1:
-        raise CheckpointError("the quantized Linears do not share one scheme", "quantize with a single scheme")
-    scheme = schemes.pop()
+    """Write the checkpoint atomically: `out` appears complete or not at all. Modules whose scheme is
+    not the method's (a byte budget's mixed precision) are olive `overrides` of bits and group size."""
+    scheme = quantized.config.scheme
     for name, weight in quantized.weights.items():
-        if weight.shape[1] % scheme.group_size:
+        if weight.shape[1] % weight.scheme.group_size:
             # The builder reshapes qweight as [N, K / group, ...]: a partial last group cannot travel.
             raise CheckpointError(f"{name} has {weight.shape[1]} input channels, not a multiple of "
-                                  f"group size {scheme.group_size}", "choose a group size that divides it")
+                                  f"group size {weight.scheme.group_size}", "choose a group size that divides it")
+    overrides = {name: {"bits": w.scheme.container_bits, "group_size": w.scheme.group_size}
+                 for name, w in sorted(quantized.weights.items()) if w.scheme != scheme}
     model = quantized.model
     state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
@@ -82,7 +82,7 @@ def save(quantized: QuantizedModel, tokenizer: PreTrainedTokenizerBase, source: 
     with staged_dir(out) as tmp:
         config = model.config.to_dict()
         config["quantization_config"] = {"quant_method": "olive", "bits": scheme.container_bits,
-                                         "group_size": scheme.group_size, "overrides": {}}
+                                         "group_size": scheme.group_size, "overrides": overrides}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(tmp)
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
@@ -124,10 +124,11 @@ def load(path: str | os.PathLike) -> Checkpoint:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     q = record["quantization"]
     scheme = QuantScheme(**q["scheme"])
+    overrides = {name: QuantScheme(**own) for name, own in q.get("overrides", {}).items()}
     weights: dict[str, QuantizedWeight] = {}
     for name in record["modules"]:
         linear = model.get_submodule(name)
-        weights[name] = _read_weight(tensors, name, linear.in_features, scheme)
+        weights[name] = _read_weight(tensors, name, linear.in_features, overrides.get(name, scheme))
         tensors[f"{name}.weight"] = weights[name].dequantize()
         for suffix in _QUANT_SUFFIXES:
             del tensors[name + suffix]

@@ -8,8 +8,7 @@ either into the fit per RAM size, the decode-speed ceiling and the problems, eac
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
@@ -18,7 +17,8 @@ from faq_deploy.architectures import block_linears
 from faq_deploy.errors import TargetError
 from faq_deploy.export import BUILDER_BITS, TABLE_SCHEMES, ExportOptions
 from faq_deploy.fetch import folder_bytes
-from faq_deploy.quant.scheme import QuantScheme
+from faq_deploy.quant.packing import stored_bytes
+from faq_deploy.quant.scheme import MethodConfig, QuantScheme
 from faq_deploy.registry import Target
 from faq_runtime.compat import ONNXRUNTIME_MIN, PYTHON_MIN, version
 from faq_runtime.fit import GIB, RUNTIME_OVERHEAD, kv_cache_bytes
@@ -57,36 +57,46 @@ class Assessment:
     problems: tuple[Problem, ...]
 
 
-def packed_bytes(n: int, k: int, scheme: QuantScheme, act: int) -> int:
-    """Codes, per-block scales and packed zero points of one MatMulNBits weight [N, K]."""
-    bits = scheme.container_bits
-    blocks = math.ceil(k / scheme.group_size)
-    zero_points = 0 if scheme.symmetric else n * math.ceil(blocks * bits / 8)
-    return n * blocks * scheme.group_size * bits // 8 + n * blocks * act + zero_points
+# The graph's own structure (nodes, names, attributes) in model.onnx: 1.4 KB per block Linear on the
+# default model; counted at 4 KB so that a byte budget holds whatever the layout.
+GRAPH_BYTES_PER_LINEAR = 4096
 
 
-def estimate(model: nn.Module, scheme: QuantScheme, activation_dtype: str, context: int,
-             export: ExportOptions = ExportOptions()) -> Footprint:
-    """The footprint of the exported graph: packed block Linears, the lm_head and the embedding
-    packed too where `export` quantizes them (a tied pair with one of them float keeps one float
-    copy), the rest (norms, float tables) and the rotary cos/sin tables as float. 2% under the
-    exported folder on the default model, which also holds the tokenizer."""
-    act = _DTYPE_BYTES[activation_dtype]
+def other_weight_bytes(model: nn.Module, export: ExportOptions, scale_dtype: str) -> int:
+    """The exported weight files (model.onnx and its data) less the block Linears: the lm_head and the
+    embedding as `export` stores them (a tied pair quantized alike is stored once; a tied pair with one
+    of them float keeps one float copy), every other tensor and the rotary cos/sin tables in the graph's
+    float type, and the graph's structure."""
+    act = _DTYPE_BYTES[export.activation_dtype]
     linears = list(block_linears(model).values())
-    quantized = sum(packed_bytes(*linear.weight.shape, scheme, act) for linear in linears)
     covered = {id(linear.weight) for linear in linears}
     head, table = model.get_output_embeddings().weight, model.get_input_embeddings().weight
-    packed = [(weight, TABLE_SCHEMES[kind]) for weight, kind in ((head, export.lm_head), (table, export.embedding))
-              if kind in TABLE_SCHEMES]
-    quantized += sum(packed_bytes(*weight.shape, table_scheme, act) for weight, table_scheme in packed)
+    packed = [(weight, replace(TABLE_SCHEMES[kind], scale_dtype=scale_dtype))
+              for weight, kind in ((head, export.lm_head), (table, export.embedding)) if kind in TABLE_SCHEMES]
+    stored_once = head is table and export.lm_head == export.embedding
+    tables = sum(stored_bytes(*weight.shape, scheme) for weight, scheme in packed[: 1 if stored_once else 2])
     if head is not table or len(packed) == 2:
         covered.update(id(weight) for weight, _ in packed)
     floats = sum(p.numel() for p in model.parameters() if id(p) not in covered)
     config = model.config
     head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rotary = 2 * config.max_position_embeddings * (head_size // 2)
-    kv = kv_cache_bytes(config.num_hidden_layers, config.num_key_value_heads, head_size, context, act)
-    return Footprint(quantized + (floats + rotary) * act, kv, context)
+    return tables + (floats + rotary) * act + GRAPH_BYTES_PER_LINEAR * len(linears)
+
+
+def estimate(model: nn.Module, config: MethodConfig, context: int, export: ExportOptions = ExportOptions()
+             ) -> Footprint:
+    """The footprint of the exported graph before it exists: every block Linear packed in its own scheme
+    (`config.scheme_for`), plus `other_weight_bytes`. The exported weight files of the default model
+    come out 0.3% under it; the model folder also holds the tokenizer (3.5 MB there)."""
+    linears = block_linears(model)
+    quantized = sum(stored_bytes(*linear.weight.shape, config.scheme_for(name)) for name, linear in linears.items())
+    other = other_weight_bytes(model, export, config.scheme.scale_dtype)
+    spec = model.config
+    head_size = getattr(spec, "head_dim", None) or spec.hidden_size // spec.num_attention_heads
+    kv = kv_cache_bytes(spec.num_hidden_layers, spec.num_key_value_heads, head_size, context,
+                        _DTYPE_BYTES[export.activation_dtype])
+    return Footprint(quantized + other, kv, context)
 
 
 def measure(model_dir: Path, layers: int, kv_heads: int, head_size: int, kv_dtype_bytes: int,
@@ -100,7 +110,7 @@ def _software_problems(target: Target, scheme: QuantScheme, export: ExportOption
     build, software = target.build, target.software
     found = []
     if export.exporter == "builder" and scheme.bits not in BUILDER_BITS:
-        found.append(Problem(f"{scheme.bits}-bit weights do not fit the builder's 4-bit MatMulNBits containers",
+        found.append(Problem(f"the builder does not carry {scheme.bits}-bit weights into MatMulNBits",
                              f"use --bits {' or '.join(map(str, BUILDER_BITS))}, or --exporter dynamo", False))
     if export.provider == "cuda" and "CUDA" not in software.execution_providers:
         found.append(Problem(f"{target.name} has no CUDA execution provider for a CUDA graph",

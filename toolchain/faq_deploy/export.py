@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from onnx import numpy_helper
 
 from faq_deploy.errors import ExportError
@@ -50,8 +51,10 @@ WEIGHT_FORMATS = ("matmulnbits", "qdq")
 # head at level 0 lifts next-token agreement with the torch model from 96.0% to 97.2% and cuts decoding
 # from 166 to 7 tokens/s (8-bit MatMulNBits has no fast float-activation kernel on CPU): opt-in only.
 FLOAT_ACTIVATION_NODES = ("lm_head", "8bit")
-# The builder writes 4-bit containers only (`-p int4`): 3-bit codes fit one, 2- and 8-bit do not.
-BUILDER_BITS = (3, 4)
+# Widths the builder carries from a checkpoint into MatMulNBits nodes (3-bit codes in 4-bit containers), a
+# module's own width and group too (the checkpoint's overrides: a byte budget's 8-bit Linears). 8 bits
+# checked on builder 0.18: our codes arrive byte for byte, level-0 logits equal torch's to 2e-6.
+BUILDER_BITS = (3, 4, 8)
 # Builder node names → the checkpoint modules each node computes, concatenated along N in order.
 _NODE = re.compile(r"/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMul")
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -92,6 +95,13 @@ class ExportOptions:
         CPU matter: CUDA's MatMulNBits computes in float16)."""
         return "float16" if self.provider == "cuda" else "float32"
 
+    @property
+    def scale_dtype(self) -> str:
+        """The precision the graph keeps its scales in: float16 (the CUDA graph's type; MatMulNBits scales
+        in float32 graphs are stored in float16 and cast at load) except for float32 QDQ graphs, whose
+        DequantizeLinear takes float32 scales as TensorRT reads them."""
+        return "float32" if self.weights == "qdq" and self.provider == "cpu" else "float16"
+
     def accuracy_level_of(self, node_name: str, bits: int) -> int:
         """The accuracy level of one MatMulNBits node: `accuracy_level` unless `float_activations`
         names its kind."""
@@ -128,7 +138,9 @@ def quantize_tables(graph: onnx.GraphProto, head: QuantizedWeight | None, embedd
                     ) -> None:
     """Replace the exported float lm_head MatMul by a MatMulNBits node of `head` (at accuracy level 0
     until `set_accuracy_levels`) and the embedding Gather by a GatherBlockQuantized node of `embedding`
-    (our codes; None keeps that one float)."""
+    (our codes; None keeps that one float). A tied pair quantized alike is stored once: the lookup
+    reads the head's codes, scales and zero points (the onnxruntime-genai builder's shared_embeddings
+    form), which saves a whole table, 32.7 MB of the default model's 8-bit bundle."""
     _untie(graph)
     if head is not None:
         node = _find(graph, LM_HEAD_NODE, "MatMul", "--lm-head float")
@@ -136,8 +148,51 @@ def quantize_tables(graph: onnx.GraphProto, head: QuantizedWeight | None, embedd
                      dict(K=head.shape[1], N=head.shape[0]))
     if embedding is not None:
         node = _find(graph, EMBEDDING_NODE, "Gather", "--embedding float")
+        shared = _head_initializers(graph) if head is not None and _same_table(head, embedding) else None
         replace_node(graph, node, embedding, "GatherBlockQuantized", "model.embed_tokens", [node.input[1]],
-                     dict(gather_axis=0, quantize_axis=1))
+                     dict(gather_axis=0, quantize_axis=1), shared)
+
+
+def _same_table(head: QuantizedWeight, embedding: QuantizedWeight) -> bool:
+    return head.scheme == embedding.scheme and all(
+        torch.equal(getattr(head, part), getattr(embedding, part)) for part in ("codes", "scales", "zeros"))
+
+
+def _head_initializers(graph: onnx.GraphProto) -> list[str]:
+    """The head's codes as the lookup's [vocab, blocks·bytes] table (a Reshape onnxruntime folds at
+    load), then its scales and zero points."""
+    node = _find(graph, LM_HEAD_NODE.replace("MatMul", "MatMulNBits"), "MatMulNBits", "report this")
+    init = {t.name: t for t in graph.initializer}
+    rows = init[node.input[1]].dims[0]
+    shape, flat = f"{node.input[1]}.rows", f"{node.input[1]}.rows/output_0"
+    graph.initializer.append(numpy_helper.from_array(np.array([rows, -1], dtype=np.int64), shape))
+    graph.node.insert(0, onnx.helper.make_node("Reshape", [node.input[1], shape], [flat], name=f"{shape}/Reshape"))
+    return [flat, *node.input[2:4]]
+
+
+def store_scales_in_float16(graph: onnx.GraphProto) -> int:
+    """Store every float32 scales tensor of a MatMulNBits or GatherBlockQuantized node whose values are
+    all exact in float16 (the build quantizes for float16 scales) as float16 behind a Cast to float32.
+    onnxruntime folds the Cast when the session starts, so the kernels see the same float32 scales; the
+    files shrink by half the scales (6.7 MB on the default model at w4 g32). Returns the bytes saved."""
+    init = {t.name: t for t in graph.initializer}
+    names = {n.input[2] for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    saved = 0
+    for name in sorted(names):
+        tensor = init.get(name)
+        if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT:
+            continue
+        values = numpy_helper.to_array(tensor)
+        half = values.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), values):
+            continue
+        graph.initializer.remove(tensor)
+        graph.initializer.append(numpy_helper.from_array(half, f"{name}.float16"))
+        # the Cast's output keeps the name, so every consumer (a shared table has two) reads it unchanged
+        graph.node.insert(0, onnx.helper.make_node("Cast", [f"{name}.float16"], [name], name=f"{name}/Cast",
+                                                   to=onnx.TensorProto.FLOAT))
+        saved += half.nbytes
+    return saved
 
 
 def set_accuracy_levels(graph: onnx.GraphProto, options: ExportOptions) -> int:
@@ -152,6 +207,12 @@ def set_accuracy_levels(graph: onnx.GraphProto, options: ExportOptions) -> int:
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
         float_nodes += level == 0
     return float_nodes
+
+
+def weight_files_bytes(folder: Path) -> int:
+    """The bytes of a model folder's graph and weight files (model.onnx and its data): what a byte
+    budget counts, without the tokenizer and configs."""
+    return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith(MODEL_FILE))
 
 
 def save_graph(model: onnx.ModelProto, folder: Path) -> None:
@@ -181,20 +242,22 @@ def _find(graph: onnx.GraphProto, name: str, op_type: str, hint: str) -> onnx.No
 
 
 def replace_node(graph: onnx.GraphProto, node: onnx.NodeProto, weight: QuantizedWeight, op_type: str, prefix: str,
-                 inputs: list[str], attributes: dict[str, int]) -> None:
+                 inputs: list[str], attributes: dict[str, int], stored: list[str] | None = None) -> None:
     """Swap `node` for an `op_type` node over `weight`'s packed codes, scales and zero points (both
-    ops take MatMulNBits' layout: rows of blocks, low bits first); its float weight goes."""
+    ops take MatMulNBits' layout: rows of blocks, low bits first), written as new initializers unless
+    `stored` names ones that already hold them; its float weight goes."""
     init = {t.name: t for t in graph.initializer}
     gather = op_type == "GatherBlockQuantized"
     table = init[node.input[0] if gather else node.input[1]]
     packed = to_matmulnbits(weight)
-    names = [f"{prefix}.{op_type}.{part}" for part in ("qweight", "scales", "qzeros")]
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(table.data_type)  # the scales' type is the output's
-    codes = packed.b.reshape(packed.n, -1) if gather else packed.b  # [N, blocks·bytes] or [N, blocks, bytes]
-    arrays = (codes, packed.scales.astype(dtype), packed.zero_points)
-    for name, array in zip(names, arrays, strict=True):
-        graph.initializer.append(numpy_helper.from_array(array, name))
-    ordered = [names[0], *inputs, *names[1:]] if gather else [*inputs, *names]
+    if stored is None:
+        stored = [f"{prefix}.{op_type}.{part}" for part in ("qweight", "scales", "qzeros")]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(table.data_type)  # the scales' type is the output's
+        codes = packed.b.reshape(packed.n, -1) if gather else packed.b  # [N, blocks·bytes] or [N, blocks, bytes]
+        arrays = (codes, packed.scales.astype(dtype), packed.zero_points)
+        for name, array in zip(stored, arrays, strict=True):
+            graph.initializer.append(numpy_helper.from_array(array, name))
+    ordered = [stored[0], *inputs, *stored[1:]] if gather else [*inputs, *stored]
     graph.node.insert(list(graph.node).index(node), onnx.helper.make_node(
         op_type, ordered, list(node.output), name=f"{node.name.rsplit('/', 1)[0]}/{op_type}", domain="com.microsoft",
         bits=packed.bits, block_size=packed.block_size, **attributes))

@@ -81,7 +81,7 @@ def build_cmd(target_name: str | None, model_spec: str | None, method: str, out:
       faq-deploy build --target x86 --method awq --bits 3 --group 64 --out build/awq-w3
     """
     target = load_targets(targets_dirs).resolve(target_name)
-    config, calibration = quant_request(method, options, (target.build.bits, target.build.group))
+    config, calibration, budget = quant_request(method, options, (target.build.bits, target.build.group))
     level = target.build.accuracy_level if accuracy_level is None else accuracy_level
     first = target.build.providers[:1]
     provider = provider or ("cuda" if first == ("CUDA",) else "cpu")
@@ -91,7 +91,7 @@ def build_cmd(target_name: str | None, model_spec: str | None, method: str, out:
                            float_activations=float_activations or target.build.float_activations)
     out = out or Path("build") / f"{(model_spec or 'smollm2').split('/')[-1].lower()}-{target.name}"
     result = run_build(model_spec, config, calibration, target, out, export, eval_tokens,
-                       context or target.build.context, force=force, wheels=wheelhouse, tar=tar)
+                       context or target.build.context, force=force, wheels=wheelhouse, tar=tar, budget_bytes=budget)
     if as_json:
         emit(result, as_json=True)
         return

@@ -9,9 +9,9 @@ import click
 
 from faq_deploy.data import Calibration
 from faq_deploy.quant import METHODS, make_config
-from faq_deploy.quant.awq import PROPAGATE
+from faq_deploy.quant.awq import PROPAGATE, AwqConfig
 from faq_deploy.quant.faq import FUTURE_STATS, LAST_BLOCKS, OBJECTIVES, SCOPES, WINDOW_WEIGHTS, FaqConfig
-from faq_deploy.quant.scheme import MethodConfig, QuantScheme
+from faq_deploy.quant.scheme import ROUNDINGS, MethodConfig, QuantScheme
 
 DEFAULT_SCHEME = (4, 32)  # bits, group size
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -38,15 +38,31 @@ quant_options = _stack(
                  help=f"Input channels per quantization group, a power of two ≥ 16 [default: {DEFAULT_SCHEME[1]}, "
                       "or the target's for build]."),
     click.option("--symmetric", is_flag=True, help="Symmetric codes instead of an integer zero point."),
+    click.option("--rounding", type=click.Choice(ROUNDINGS), default=None,
+                 help="How codes are chosen on the method's grid: nearest, or GPTQ's error-compensating rounding "
+                      "against the calibration inputs (any method; rtn then needs calibration too) "
+                      f"[default: {FaqConfig.rounding} for faq, nearest for awq and rtn]."),
+    click.option("--damp", type=float, default=None,
+                 help=f"gptq: fraction of the Hessian's mean diagonal added to it [default: {MethodConfig.damp}]."),
+    click.option("--act-order/--no-act-order", default=None,
+                 help="gptq: round the input columns of largest energy first [default: off]."),
+    click.option("--budget", type=click.FloatRange(min=1), default=None, metavar="MB",
+                 help="Mixed precision: give the most sensitive Linears 8-bit codes (blocks of 128 or --group) so "
+                      "that the exported weight files (model.onnx and its data) fill MB megabytes with the least "
+                      "estimated loss; sensitivity from the calibration text [default: every Linear in --bits]."),
     click.option("--calib", "calib_text", default="speeches-calib", show_default=True, metavar="TEXT",
-                 help="awq/faq: calibration text (same forms as --text)."),
+                 help="awq/faq/gptq: calibration text (same forms as --text)."),
     click.option("--samples", type=click.IntRange(min=1), default=32, show_default=True,
-                 help="awq/faq: calibration rows."),
+                 help="awq/faq/gptq: calibration rows."),
     click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True,
-                 help="awq/faq: tokens per calibration row."),
-    click.option("--seed", type=int, default=0, show_default=True, help="awq/faq: calibration sampling seed."),
+                 help="awq/faq/gptq: tokens per calibration row."),
+    click.option("--seed", type=int, default=0, show_default=True, help="awq/faq/gptq: calibration sampling seed."),
     click.option("--search-rows", type=int, default=None,
-                 help=f"awq/faq: rows the scale search scores candidates on [default: {FaqConfig.search_rows}]."),
+                 help="awq/faq: rows the scale search scores candidates on "
+                      f"[default: {AwqConfig.search_rows} for awq, {FaqConfig.search_rows} for faq]."),
+    click.option("--coarse", type=int, default=None,
+                 help="awq/faq: score every Nth of the 20 ratios, then the ratios around the best; 1 scores all "
+                      f"[default: {AwqConfig.coarse} for awq, {FaqConfig.coarse} for faq]."),
     click.option("--clip/--no-clip", default=None, help="awq/faq: AWQ auto-clip [default: on]."),
     click.option("--alpha-search/--no-alpha-search", default=None,
                  help="awq/faq: search the scale ratio per group, or take --ratio everywhere [default: search]."),
@@ -77,13 +93,14 @@ quant_options = _stack(
 )
 
 
-def quant_request(method: str, options: dict[str, Any],
-                  defaults: tuple[int, int] = DEFAULT_SCHEME) -> tuple[MethodConfig, Calibration]:
-    """The method config and calibration the quant_options describe; `defaults` (bits, group) fill
-    what the user left out."""
+def quant_request(method: str, options: dict[str, Any], defaults: tuple[int, int] = DEFAULT_SCHEME
+                  ) -> tuple[MethodConfig, Calibration, int | None]:
+    """The method config, calibration and byte budget the quant_options describe; `defaults` (bits,
+    group) fill what the user left out."""
+    budget = options.pop("budget")
     bits, group = options.pop("bits"), options.pop("group_size")
     scheme = QuantScheme(bits=defaults[0] if bits is None else bits, group_size=defaults[1] if group is None else group,
                          symmetric=options.pop("symmetric"))
     calibration = Calibration(options.pop("calib_text"), options.pop("samples"), options.pop("seq_len"),
                               options.pop("seed"))
-    return make_config(method, scheme, **options), calibration
+    return make_config(method, scheme, **options), calibration, None if budget is None else int(budget * 1e6)

@@ -30,5 +30,5 @@ def quantize_cmd(model_spec: str | None, method: str, out: str, as_json: bool, *
       faq-deploy quantize --method awq --bits 3 --group 64 --out build/awq-w3g64
       faq-deploy quantize --method rtn --bits 8 --out build/rtn-w8
     """
-    config, calibration = quant_request(method, options)
-    emit(run_quantize(model_spec, config, calibration, out), as_json)
+    config, calibration, budget = quant_request(method, options)
+    emit(run_quantize(model_spec, config, calibration, out, budget), as_json)

@@ -26,7 +26,9 @@ from transformers import PreTrainedModel
 from faq_deploy.architectures import Architecture, ScalingGroup, active_groups, architecture_of
 from faq_deploy.errors import InvalidQuantConfig
 from faq_deploy.progress import progress
-from faq_deploy.quant.quantizer import QuantizedWeight, grouped, quantize_linear_, quantize_weight
+from faq_deploy.quant.blocks import BlockCapture, block_inputs, first_output, run_block
+from faq_deploy.quant.gptq import InverseFactor, input_hessians, inverse_factors, round_linear_
+from faq_deploy.quant.quantizer import QuantizedWeight, grouped, quantize_weight
 from faq_deploy.quant.scheme import MethodConfig, QuantScheme
 
 PROPAGATE = ("fp", "quant")
@@ -35,8 +37,8 @@ PROPAGATE = ("fp", "quant")
 @dataclass(frozen=True)
 class AwqConfig(MethodConfig):
     method: ClassVar[str] = "awq"
-    needs_calibration: ClassVar[bool] = True
     grid: int = 20          # candidate ratios r = 0, 1/grid, …, (grid−1)/grid
+    coarse: int = 1         # score every coarse-th ratio, then the ratios around the best (1: all)
     alpha_search: bool = True  # False: every group takes `ratio`, no search (the search-free variant)
     ratio: float = 0.5
     propagate: str = "fp"   # fp (AutoAWQ): block b+1 sees block b's FP output; quant: its quantized output
@@ -47,11 +49,16 @@ class AwqConfig(MethodConfig):
     # block per 512-token row on the default model), the statistics cost one forward.
     search_rows: int = 8
 
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
     def __post_init__(self) -> None:
-        if min(self.grid, self.clip_tokens, self.search_rows) < 1:
+        super().__post_init__()
+        if min(self.grid, self.coarse, self.clip_tokens, self.search_rows) < 1:
             raise InvalidQuantConfig(
-                f"grid={self.grid}, clip_tokens={self.clip_tokens} and search_rows={self.search_rows} must be ≥ 1",
-                "use the defaults (20, 512 and 8)")
+                f"grid={self.grid}, coarse={self.coarse}, clip_tokens={self.clip_tokens} and "
+                f"search_rows={self.search_rows} must be ≥ 1", "use the defaults (20, 1, 512 and 8)")
         if not 0 <= self.ratio <= 1 or self.propagate not in PROPAGATE:
             raise InvalidQuantConfig(f"ratio={self.ratio} (0…1) or propagate={self.propagate!r} "
                                      f"({'/'.join(PROPAGATE)}) is out of range",
@@ -80,70 +87,6 @@ class Guide:
     lookahead: int = 0
     # 0: score a candidate at the inspected module's output; j: at the output of blocks b..b+j.
     loss_window: int = 0
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once it has what it came for."""
-
-
-def block_inputs(model: PreTrainedModel, blocks: nn.ModuleList,
-                 calibration: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The first block's hidden-state input [rows, seq, hidden] and the keyword arguments
-    (rotary embeddings, mask, positions) every block is called with."""
-    captured: dict[str, Any] = {}
-
-    def stop(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured["x"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = kwargs
-        raise _Stop
-
-    handle = blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        model(calibration, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured["x"], captured["kwargs"]
-
-
-@dataclass
-class BlockCapture:
-    """What one forward pass of a block recorded."""
-
-    calls: dict[str, tuple[tuple, dict]]  # module name → (args, kwargs) it was called with
-    outputs: dict[str, torch.Tensor]      # module name → its output
-    block_out: torch.Tensor
-
-    def input(self, name: str) -> torch.Tensor:
-        args, kwargs = self.calls[name]
-        return args[0] if args else kwargs["hidden_states"]
-
-
-def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-@torch.no_grad()
-def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], inputs: set[str],
-              outputs: frozenset[str] | set[str] = frozenset()) -> BlockCapture:
-    """Forward one block, recording how the `inputs` modules were called and what the `outputs`
-    modules returned (only what is asked: a kept activation is megabytes per module)."""
-    calls: dict[str, tuple[tuple, dict]] = {}
-    kept: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in inputs:
-        handles.append(block.get_submodule(name).register_forward_pre_hook(
-            lambda _m, a, k, name=name: calls.__setitem__(name, (a, k)), with_kwargs=True))
-    for name in outputs:
-        handles.append(block.get_submodule(name).register_forward_hook(
-            lambda _m, _a, out, name=name: kept.__setitem__(name, _first(out))))
-    try:
-        block_out = _first(block(x, **kwargs))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return BlockCapture(calls, kept, block_out)
 
 
 def channel_mean_abs(x: torch.Tensor) -> torch.Tensor:
@@ -177,7 +120,7 @@ def local_loss(block: nn.Module, group: ScalingGroup, capture: BlockCapture) -> 
     args, kwargs = capture.calls[group.inspect]
     inspect = block.get_submodule(group.inspect)
     target = capture.outputs[group.inspect]
-    return lambda: _mse(_first(inspect(*args, **kwargs)), target)
+    return lambda: _mse(first_output(inspect(*args, **kwargs)), target)
 
 
 def window_loss(blocks: nn.ModuleList, index: int, window: int, x: torch.Tensor,
@@ -189,7 +132,7 @@ def window_loss(blocks: nn.ModuleList, index: int, window: int, x: torch.Tensor,
     def forward() -> torch.Tensor:
         h = x
         for block in chain:
-            h = _first(block(h, **kwargs))
+            h = first_output(block(h, **kwargs))
         return h
 
     target = forward()
@@ -197,26 +140,33 @@ def window_loss(blocks: nn.ModuleList, index: int, window: int, x: torch.Tensor,
 
 
 @torch.no_grad()
-def search_scale(block: nn.Module, group: ScalingGroup, a: torch.Tensor, config: AwqConfig,
+def search_scale(block: nn.Module, group: ScalingGroup, a: torch.Tensor, config: AwqConfig, scheme: QuantScheme,
                  loss: Loss) -> torch.Tensor:
-    """The s of the best ratio r on the unmodified block (or of the fixed ratio, without search)."""
+    """The s of the best ratio r on the unmodified block (or of the fixed ratio, without search), for
+    balance Linears quantized with `scheme`."""
     balance = [block.get_submodule(name) for name in group.balance]
     originals = [linear.weight.detach().clone() for linear in balance]
-    w_bar = weight_profile(originals, config.scheme.group_size)
+    w_bar = weight_profile(originals, scheme.group_size)
     if not config.alpha_search:
         return candidate_scales(a, w_bar, config.ratio)
-    best_loss, best = float("inf"), torch.ones_like(a)
-    try:
-        for step in range(config.grid):
+    scored: dict[int, float] = {}
+
+    def score(step: int) -> float:
+        if step not in scored:
             s = candidate_scales(a, w_bar, step / config.grid)
             for linear, w in zip(balance, originals, strict=True):
-                linear.weight.copy_(quantize_weight(w * s, config.scheme).dequantize() / s)
-            if (candidate := loss()) < best_loss:
-                best_loss, best = candidate, s
+                linear.weight.copy_(quantize_weight(w * s, scheme).dequantize() / s)
+            scored[step] = loss()
+        return scored[step]
+
+    try:
+        # every `coarse`-th ratio, then every ratio within reach of the best of those
+        best = min(range(0, config.grid, config.coarse), key=score)
+        best = min(range(max(0, best - config.coarse + 1), min(config.grid, best + config.coarse)), key=score)
     finally:
         for linear, w in zip(balance, originals, strict=True):
             linear.weight.copy_(w)
-    return best
+    return candidate_scales(a, w_bar, best / config.grid)
 
 
 @torch.no_grad()
@@ -273,11 +223,15 @@ def _clamp_groups(w: torch.Tensor, limit: torch.Tensor, group: int) -> torch.Ten
 
 
 def _quantize_block(block: nn.Module, prefix: str, arch: Architecture, capture: BlockCapture,
-                    config: AwqConfig) -> dict[str, QuantizedWeight]:
+                    config: AwqConfig, factors: dict[str, InverseFactor] | None) -> dict[str, QuantizedWeight]:
+    weights = {}
     for name in arch.linears:
+        linear, scheme = block.get_submodule(name), config.scheme_for(f"{prefix}.{name}")
+        scaled = linear.weight.detach().clone() if factors else None  # what GPTQ rounds towards
         if config.clip and name not in arch.no_clip:
-            auto_clip_(block.get_submodule(name), capture.input(name), config.scheme, config.clip_tokens)
-    return {f"{prefix}.{name}": quantize_linear_(block.get_submodule(name), config.scheme) for name in arch.linears}
+            auto_clip_(linear, capture.input(name), scheme, config.clip_tokens)
+        weights[f"{prefix}.{name}"] = round_linear_(linear, scheme, factors and factors[name], scaled)
+    return weights
 
 
 @torch.no_grad()
@@ -317,7 +271,8 @@ def quantize_awq(model: PreTrainedModel, config: AwqConfig, calibration: torch.T
     blocks = model.get_submodule(arch.blocks)
     x, kwargs = block_inputs(model, blocks, calibration[: config.search_rows])
     quantized_prefix = config.propagate == "quant"
-    if quantized_prefix:  # every row follows the quantized prefix, for the statistics
+    gptq = config.rounding == "gptq"
+    if quantized_prefix or gptq:  # every row: the statistics of the quantized prefix, GPTQ's Hessians
         x_all, kwargs_all = block_inputs(model, blocks, calibration)
     inspected = {g.inspect for g in arch.groups}
     weights: dict[str, QuantizedWeight] = {}
@@ -330,15 +285,22 @@ def quantize_awq(model: PreTrainedModel, config: AwqConfig, calibration: torch.T
         fp = run_block(block, x, kwargs, set(arch.linears) | inspected, inspected)
         losses = ([window_loss(blocks, index, guide.loss_window, x, kwargs)] * len(groups) if guide.loss_window
                   else [local_loss(block, g, fp) for g in groups])
-        scales = [search_scale(block, g, guide.statistic(stats, index, g), config, loss)
+        prefix = f"{arch.blocks}.{index}"
+        scales = [search_scale(block, g, guide.statistic(stats, index, g), config,
+                               config.scheme_for(f"{prefix}.{g.balance[0]}"), loss)
                   for g, loss in zip(groups, losses, strict=True)]
         for group, s in zip(groups, scales, strict=True):
             apply_scale(block, group, s)
         scaled = run_block(block, x, kwargs, set(arch.linears)) if config.clip else fp
-        weights.update(_quantize_block(block, f"{arch.blocks}.{index}", arch, scaled, config))
+        factors = None
+        if gptq:  # on the scaled block, still full precision: its output is the FP one
+            hessians, fp_all = input_hessians(block, x_all, kwargs_all, set(arch.linears))
+            factors = inverse_factors(hessians, config)
+        weights.update(_quantize_block(block, prefix, arch, scaled, config, factors))
         if quantized_prefix:
             x = run_block(block, x, kwargs, set()).block_out
             x_all = run_block(block, x_all, kwargs_all, set()).block_out
         else:
             x = fp.block_out  # full-precision propagation (AutoAWQ): the next block sees the FP output
+            x_all = fp_all if gptq else None
     return weights

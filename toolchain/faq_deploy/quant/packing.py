@@ -55,6 +55,16 @@ class MatMulNBitsWeights:
     block_size: int
 
 
+def stored_bytes(n: int, k: int, scheme: QuantScheme) -> int:
+    """What one weight [N, K] occupies in an exported graph's files: codes in their container, one scale
+    per block in `scheme.scale_dtype`, packed zero points unless symmetric."""
+    bits = scheme.container_bits
+    blocks = math.ceil(k / scheme.group_size)
+    zero_points = 0 if scheme.symmetric else n * math.ceil(blocks * bits / 8)
+    scale_bytes = 2 if scheme.scale_dtype == "float16" else 4
+    return n * blocks * scheme.group_size * bits // 8 + n * blocks * scale_bytes + zero_points
+
+
 def to_matmulnbits(weight: QuantizedWeight) -> MatMulNBitsWeights:
     n, k = weight.shape
     g = weight.scheme.group_size

@@ -36,11 +36,10 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """(q − z) · scale, float32 [N, K]."""
-        k = self.codes.shape[1]
-        g = self.scheme.group_size
-        zeros = self.zeros.float().repeat_interleave(g, dim=1)[:, :k]
-        scales = self.scales.repeat_interleave(g, dim=1)[:, :k]
-        return (self.codes.float() - zeros) * scales
+        n, k = self.codes.shape
+        blocks = self.scales.shape[1]
+        codes = F.pad(self.codes.float(), (0, blocks * self.scheme.group_size - k)).view(n, blocks, -1)
+        return ((codes - self.zeros.float()[..., None]) * self.scales[..., None]).view(n, -1)[:, :k]
 
 
 def grouped(weight: torch.Tensor, group: int) -> torch.Tensor:

@@ -49,11 +49,35 @@ class QuantScheme:
         return 4 if self.bits == 3 else self.bits
 
 
+ROUNDINGS = ("nearest", "gptq")
+
+
 @dataclass(frozen=True)
 class MethodConfig:
-    """Base of every method's config: frozen, recorded whole (with method and version) in checkpoints."""
+    """Base of every method's config: frozen, recorded whole (with method and version) in checkpoints.
+
+    `rounding` is how codes are chosen on the method's grid: nearest, or GPTQ's error-compensating
+    rounding (quant/gptq.py) with `damp` and `act_order`, which needs calibration for any method.
+    `overrides` gives modules (full names) a scheme of their own: a byte budget's mixed precision
+    (quant/budget.py); every other Linear takes `scheme`.
+    """
 
     method: ClassVar[str]
     version: ClassVar[int] = 1
-    needs_calibration: ClassVar[bool] = False
     scheme: QuantScheme = field(default_factory=QuantScheme)
+    rounding: str = "nearest"  # one of ROUNDINGS
+    damp: float = 0.01         # gptq: fraction of the Hessian's mean diagonal added to its diagonal
+    act_order: bool = False    # gptq: round the columns of largest input energy first
+    overrides: dict[str, QuantScheme] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS or not 0 < self.damp <= 1:
+            raise InvalidQuantConfig(f"rounding={self.rounding!r} ({'/'.join(ROUNDINGS)}) or damp={self.damp} "
+                                     "(0 < damp ≤ 1) is out of range", "use --rounding gptq with --damp 0.01")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.rounding == "gptq"
+
+    def scheme_for(self, module: str) -> QuantScheme:
+        return self.overrides.get(module, self.scheme)
