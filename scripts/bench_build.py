@@ -1,11 +1,13 @@
 """`faq-deploy build` on the default model: time per stage, bundle size, perplexity before and after.
 
-Each run is one `faq-deploy build --json` in its own process (exporter, method, bits; group 32, the
-target's other defaults). The table sets the bundle against the float32 model and the Q4_1 GGUF the
-default model ships as, and the float model's perplexity against the bundle's through onnxruntime.
-Writes markdown and JSON.
+Each run is one `faq-deploy build --json` in its own process (exporter, method, bits, then any build
+options as NAME=VALUE; group 32, the target's other defaults). The table sets the bundle against the
+float32 model and the Q4_1 GGUF the default model ships as, and the float model's perplexity against
+the bundle's through onnxruntime. `--repeat N` runs the list N times in turn, so that two recipes
+compared on a shared machine see the same drift. Writes markdown and JSON.
 
     python scripts/bench_build.py --runs builder:faq:4 builder:faq:3 dynamo:faq:4 [--target jetson]
+    python scripts/bench_build.py --runs builder:faq:4:rounding=nearest:coarse=1:search-rows=8 builder:faq:4 --repeat 2
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 MB = 1e6
 
 
-def build(target: str, exporter: str, method: str, bits: int, work: Path) -> dict:
-    out = work / f"{exporter}-{method}-w{bits}"
+def build(target: str, run: str, work: Path) -> dict:
+    exporter, method, bits, *options = run.split(":")
+    out = work / run.replace(":", "-")
+    flags = [part for option in options for part in (f"--{option.split('=')[0]}", option.split("=")[1])]
     cmd = [sys.executable, "-m", "faq_deploy", "build", "--target", target, "--exporter", exporter,
-           "--method", method, "--bits", str(bits), "--group", "32", "--out", str(out), "--json"]
+           "--method", method, "--bits", bits, "--group", "32", *flags, "--out", str(out), "--json"]
     print(" ".join(cmd[2:]), file=sys.stderr, flush=True)
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise SystemExit(f"build failed ({done.returncode}): {' '.join(cmd[2:])}")
-    return {"exporter": exporter, **json.loads(done.stdout)}
+    return {"exporter": exporter, "run": run, **json.loads(done.stdout)}
 
 
 def markdown(rows: list[dict], gguf_bytes: int, command: str) -> str:
@@ -41,13 +45,13 @@ def markdown(rows: list[dict], gguf_bytes: int, command: str) -> str:
              f"Perplexity on {rows[0]['eval_tokens']} tokens of speeches-eval (the bundle through onnxruntime at "
              f"{rows[0]['target']}'s accuracy level); agreement: next-token argmax against the quantized torch "
              f"model on 1,024 tokens.", "",
-             "| exporter | method | bundle MB | vs float32 | vs GGUF | perplexity float → bundle | agreement | "
+             "| run | method | bundle MB | vs float32 | vs GGUF | perplexity float → bundle | agreement | "
              + " | ".join(f"{stage} s" for stage in stages) + " | total s |",
              "|---|---|---|---|---|---|---|" + "---|" * (len(stages) + 1)]
     for r in rows:
         seconds = list(r["seconds"].values())
         lines.append(
-            f"| {r['exporter']} | {r['method']} w{r['bits']} g{r['group']} | {r['bundle_bytes'] / MB:.1f} | "
+            f"| {r['run']} | {r['method']} w{r['bits']} g{r['group']} | {r['bundle_bytes'] / MB:.1f} | "
             f"{r['bundle_bytes'] / r['float_bytes']:.2f}× | {r['bundle_bytes'] / gguf_bytes:.2f}× | "
             f"{r['perplexity_float']:.2f} → {r['perplexity_bundle']:.2f} | {r['parity']['argmax_agreement']:.1%} | "
             + " | ".join(f"{s:.0f}" for s in seconds) + f" | {sum(seconds):.0f} |")
@@ -60,13 +64,14 @@ def main() -> int:
     parser.add_argument("--runs", nargs="+", default=["builder:faq:4", "builder:faq:3", "dynamo:faq:4"],
                         metavar="EXPORTER:METHOD:BITS")
     parser.add_argument("--target", default="jetson")
+    parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "build")
     args = parser.parse_args()
-    runs = [run.split(":") for run in args.runs]
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [build(args.target, exporter, method, int(bits), Path(tmp)) for exporter, method, bits in runs]
+        rows = [build(args.target, run, Path(tmp)) for _ in range(args.repeat) for run in args.runs]
     gguf_bytes = fetch_embedded(DEFAULT_MODEL).stat().st_size
-    command = "python scripts/bench_build.py --runs " + " ".join(args.runs) + f" --target {args.target}"
+    command = ("python scripts/bench_build.py --runs " + " ".join(args.runs) + f" --target {args.target}"
+               + (f" --repeat {args.repeat}" if args.repeat > 1 else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"command": command, "gguf_bytes": gguf_bytes,
                                                          "runs": rows}, indent=2))

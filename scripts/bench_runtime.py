@@ -151,11 +151,13 @@ def serve(engine: str, folder: Path, gguf: Path, threads: int) -> None:
 class Worker:
     """The parent's handle on one engine's child process."""
 
-    def __init__(self, engine: str, args: argparse.Namespace) -> None:
+    def __init__(self, engine: str, model: Path, gguf: Path, threads: int, env: dict[str, str] | None = None) -> None:
+        """`model`: the ONNX folder ours and genai run (and whose tokenizer makes the prompts); `gguf`: the file
+        llama.cpp runs; `env`: the child's environment (where llama_cpp finds its libraries)."""
         self.engine = engine
         self.process = subprocess.Popen(
-            [sys.executable, __file__, str(args.model), "--gguf", str(args.gguf), "--threads", str(args.threads),
-             "--engine", engine], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            [sys.executable, __file__, str(model), "--gguf", str(gguf), "--threads", str(threads), "--engine", engine],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self._read()  # "ready": the engine has loaded
 
     def ask(self, operation: str, n: int = 0) -> float:
@@ -267,7 +269,7 @@ def main() -> int:
     engines = [e for e in ENGINES if e != "llama.cpp" or _importable("llama_cpp")]
     if "llama.cpp" not in engines:
         print("llama.cpp: llama-cpp-python is not installed, skipped", file=sys.stderr)
-    workers = [Worker(engine, args) for engine in engines]
+    workers = [Worker(engine, args.model, args.gguf, args.threads) for engine in engines]
     try:
         results, ratios = measure(workers, args.runs)
     finally:

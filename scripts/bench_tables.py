@@ -13,16 +13,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from faq_deploy import checks, models
+from faq_deploy import models
 from faq_deploy.build import fake_quantize_tables
 from faq_deploy.data import eval_tokens, load_corpus
 from faq_deploy.export import TABLE_KINDS, TABLE_SCHEMES, ExportOptions
 from faq_deploy.perplexity import perplexity
 from faq_deploy.quant import make_config, quantize
+from faq_deploy.quant.packing import stored_bytes
 from faq_deploy.quant.scheme import QuantScheme
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 def table_bytes(weight: torch.Tensor, kind: str) -> int:
     if kind == "float":
         return weight.numel() * 4
-    return checks.packed_bytes(*weight.shape, TABLE_SCHEMES[kind], 4)
+    return stored_bytes(*weight.shape, replace(TABLE_SCHEMES[kind], scale_dtype="float16"))
 
 
 def main() -> int:
