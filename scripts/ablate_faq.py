@@ -1,4 +1,4 @@
-"""FAQ_SPEC.md §3's ablations and the calibration-size study, on the calibration-domain hold-out.
+"""FAQ's ablation switches and the calibration-size study, on the calibration-domain hold-out.
 
 Like presearch_faq.py, it calibrates on the speeches up to 1989 and scores perplexity on the 1990s,
 never on the evaluation text. Two studies, each run appended to ablation.jsonl (skipped when there):

@@ -1,4 +1,4 @@
-"""Quality bench (MEASURE.md, FAQ_SPEC.md §5): fp, RTN, AWQ and FAQ in one harness.
+"""Quality bench: fp, RTN, AWQ and FAQ in one harness.
 
 Every run is one `faq-deploy eval --json` process (same calibration and evaluation tokens for
 every method), so its peak RSS is its own. Runs append to results.jsonl and are skipped when

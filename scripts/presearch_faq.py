@@ -1,4 +1,4 @@
-"""Pre-search FAQ's (gamma, window) once (FAQ_SPEC.md §3), never on the evaluation text.
+"""Pre-search FAQ's (gamma, window) once, never on the evaluation text.
 
 Calibrates on the speeches up to 1989 and scores perplexity on the 1990s, a held-out slice of the
 calibration corpus (speeches-calib ends in 1999; speeches-eval starts in 2000). Runs append to

@@ -1,4 +1,4 @@
-"""FAQ_SPEC.md §4: the tests that pin AWQ's and FAQ's semantics."""
+"""The tests that pin AWQ's and FAQ's semantics."""
 
 from __future__ import annotations
 

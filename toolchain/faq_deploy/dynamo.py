@@ -1,4 +1,4 @@
-"""The fallback exporter (DESIGN.md §4), for architectures the onnxruntime-genai builder lacks.
+"""The fallback exporter, for architectures the onnxruntime-genai builder lacks.
 
 torch.onnx's dynamo exporter traces the checkpoint's fake-quantized model behind a wrapper with flat
 KV tensors named like the builder's, so the runtime runs either graph; then every MatMul whose

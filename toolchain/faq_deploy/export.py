@@ -1,4 +1,4 @@
-"""ONNX export: an olive checkpoint → a model folder with MatMulNBits nodes (DESIGN.md §4).
+"""ONNX export: an olive checkpoint → a model folder with MatMulNBits nodes.
 
 The onnxruntime-genai model builder reads the checkpoint and emits the fused graph (packed QKV,
 GroupQueryAttention, MatMulNBits) with genai_config.json and the tokenizer. We then prove that our

@@ -1,4 +1,4 @@
-"""Parity of an exported graph with the fake-quantized torch model it came from (DESIGN.md §4)."""
+"""Parity of an exported graph with the fake-quantized torch model it came from."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Perplexity per MEASURE.md: non-overlapping windows, the first token of each is context only."""
+"""Perplexity: non-overlapping windows, the first token of each is context only."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class Perplexity:
 
 
 Logits = Callable[[torch.Tensor], torch.Tensor]  # token ids [window] → logits [window, vocab]
-WINDOW = 1024  # MEASURE.md's default
+WINDOW = 1024  # the window the build, eval and the benches share unless told otherwise
 
 
 def torch_logits(model: PreTrainedModel) -> Logits:

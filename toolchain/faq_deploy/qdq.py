@@ -1,4 +1,4 @@
-"""TensorRT's form of the quantized weights (DESIGN.md §4): TensorRT runs no MatMulNBits, so each
+"""TensorRT's form of the quantized weights: TensorRT runs no MatMulNBits, so each
 node becomes the standard DequantizeLinear (blocks along K) → MatMul over the same codes.
 
 Symmetric codes (one zero point for the whole weight) become signed INT4/INT8 with no zero point,

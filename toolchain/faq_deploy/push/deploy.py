@@ -1,4 +1,4 @@
-"""The push protocol (DESIGN.md §8) for one host, and the smaller commands on a device root.
+"""The push protocol for one host, and the smaller commands on a device root.
 
 lock → preflight (probe vs the manifest's needs, free disk) before any byte is sent → skip the
 upload when the device already holds the bundle intact → resumable upload → sha256 on the device,

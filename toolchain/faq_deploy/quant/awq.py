@@ -1,4 +1,4 @@
-"""AWQ with AutoAWQ semantics (FAQ_SPEC.md §1): per-channel scales searched on calibration
+"""AWQ with AutoAWQ semantics: per-channel scales searched on calibration
 activations, folded into the preceding op, auto-clip, then the quantizer; block by block, with
 full-precision activations propagated from block to block.
 
@@ -8,7 +8,7 @@ keeps only a_{b,G} (per-channel mean |x|, kilobytes). The main pass then works o
 (quant/faq.py) steers the search through a `Guide`: above all the statistic the search starts
 from, and so costs no more than AWQ: both need every block's statistics, FAQ just reads them ahead.
 
-The FAQ_SPEC §3 switches that are not about the future live here, because they make sense for AWQ
+The ablation switches that are not about the future live here, because they make sense for AWQ
 too: `alpha_search=False` takes one fixed ratio instead of the search, and `propagate="quant"` feeds
 each block the quantized prefix's output, re-measuring its statistics on every calibration row.
 """

@@ -1,4 +1,4 @@
-"""Future-Aware Quantization (FAQ_SPEC.md §2): AWQ whose scale search starts from a statistic
+"""Future-Aware Quantization: AWQ whose scale search starts from a statistic
 that mixes the block's own activations with those of the next `window` blocks.
 
 The engine's statistics pass (quant/awq.py) already holds a_{b,G} for every block b and scaling
@@ -7,7 +7,7 @@ f_b = Σ_k ω_k · a_{b+k,G} / m(a_{b+k,G}) over the available window (unit mean
 large-magnitude layers do not dominate), and the search uses
 ã_{b,G} = (1 − γ)·a_{b,G} + γ·m(a_{b,G})·f_b. With γ = 0, or an empty window, this is AWQ.
 
-The FAQ_SPEC §3 ablation switches: `last_blocks="virtual"` lets the final norm's input stand in for
+The ablation switches: `last_blocks="virtual"` lets the final norm's input stand in for
 a block past the last one (residual groups); `future_stats="lookahead"` (with propagate="quant")
 measures the future blocks from the quantized prefix instead of the FP pre-pass;
 `objective="window"` scores each candidate at the output of blocks b..b+j instead of the

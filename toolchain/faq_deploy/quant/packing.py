@@ -1,4 +1,4 @@
-"""The one owner of onnxruntime's MatMulNBits weight layout (DESIGN.md §4).
+"""The one owner of onnxruntime's MatMulNBits weight layout.
 
 - B: uint8 [N, k_blocks, block·bits/8], codes packed lowest bits first, last block zero-padded.
 - scales: float [N, k_blocks].

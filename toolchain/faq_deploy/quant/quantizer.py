@@ -1,4 +1,4 @@
-"""Quantizer Q (FAQ_SPEC.md §1): per-group integer codes, scales and zero points.
+"""Quantizer Q: per-group integer codes, scales and zero points.
 
 The record QuantizedWeight is what every method produces and what export consumes; its
 `dequantize` is the fake-quantized weight the torch model carries for evaluation.
