@@ -240,8 +240,9 @@ def speed(shop: Workshop, points: list[Point], runs: int) -> dict[str, dict]:
 def frontier(rows: list[dict], text: str) -> list[dict]:
     """The points no smaller point of the same tool beats on `text`: each tool's quality-per-byte curve."""
     best, kept = float("inf"), []
-    for row in sorted(rows, key=lambda r: r["bytes"]):
-        if row.get(text) is not None and row[text] < best:
+    scored = [r for r in rows if r.get(text) is not None]
+    for row in sorted(scored, key=lambda r: (r["bytes"], r[text])):  # of equal sizes, the best only
+        if row[text] < best:
             best = row[text]
             kept.append(row)
     return kept
@@ -259,17 +260,19 @@ def at_bytes(curve: list[dict], text: str, size: float) -> float | None:
 def report(rows: list[dict], control: dict, failures: list[dict], out: Path, command: str) -> None:
     mb = 1e6
     lines = ["# Quality per byte: faq-deploy vs onnxruntime-genai vs llama.cpp\n",
-             f"`{command}` on this 2-core x86 host. Perplexity on the first {TEXTS['speeches-eval']:,} tokens of "
+             "Made by `python scripts/bench_frontier.py` (every point once, resumable; this page was last written "
+             f"by `{command}`) on this 2-core x86 host. Perplexity on the first {TEXTS['speeches-eval']:,} tokens of "
              f"speeches-eval and {TEXTS['bible-kjv']:,} of bible-kjv (1,024-token windows); bytes are the weight "
              f"files a board holds; speed: 2 threads, prefill of 128/1024 tokens and {DECODE} greedy tokens, median "
              "of interleaved runs. Control: the float model through llama.cpp (F32 GGUF) reads "
-             f"{control.get('speeches-eval')} / {control.get('bible-kjv')}.\n",
+             f"{control.get('speeches-eval')} / {control.get('bible-kjv')}. Build s: on this host, the F32 GGUF's "
+             "conversion not counted; the first imatrix point's includes computing the importance matrix.\n",
              "| tool | point | MB | speeches-eval | bible-kjv | prefill 1024 tok/s | decode tok/s | build s |",
              "|---|---|---|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda r: (TOOLS.index(r["tool"]), r["bytes"])):
         lines.append(f"| {row['tool']} | {row['name']} | {row['bytes'] / mb:.1f} | {row.get('speeches-eval', '-')} | "
                      f"{row.get('bible-kjv', '-')} | {row.get('prefill_1024_tokens_s', '-')} | "
-                     f"{row.get('decode_tokens_s', '-')} | {row.get('build_seconds', '-')} |")
+                     f"{row.get('decode_tokens_s', '-')} | {row.get('build_seconds') or '-'} |")
     lines += ["", "## At equal bytes", "",
               "Each tool's frontier (its points that no smaller point of its own beats), interpolated at the size "
               "of each of our frontier points:", "",
@@ -356,9 +359,11 @@ def main() -> int:
             if not log.has({**key, "stage": text}):
                 log.add({**key, "stage": text, **score(shop, point, text, tokens)})
                 print(f"{point.tool} {point.name} {text}: {log.rows[-1]['perplexity']}", file=sys.stderr)
-    if not args.no_speed and not log.has({"model": name, "stage": "speed", "points": [p.name for p in points]}):
-        log.add({"model": name, "stage": "speed", "points": [p.name for p in points],
-                 "results": speed(shop, points, args.runs)})
+    failed = {(r["tool"], r["name"]) for r in log.rows if r["model"] == name and "error" in r}
+    made = [p for p in points if (p.tool, p.name) not in failed]
+    if not args.no_speed and not log.has({"model": name, "stage": "speed", "points": [p.name for p in made]}):
+        log.add({"model": name, "stage": "speed", "points": [p.name for p in made],
+                 "results": speed(shop, made, args.runs)})
     rows, control = collect(log.rows, name)
     failures = [r for r in log.rows if r["model"] == name and "error" in r]
     report(rows, control, failures, args.out, "python scripts/bench_frontier.py " + " ".join(sys.argv[1:]))
@@ -374,7 +379,7 @@ def collect(entries: list[dict], model: str) -> tuple[list[dict], dict]:
             continue
         row = rows.setdefault((entry["tool"], entry["name"]), {"tool": entry["tool"], "name": entry["name"]})
         if entry["stage"] == "build":
-            row.update(bytes=entry["bytes"], build_seconds=entry["seconds"])
+            row.update(bytes=entry["bytes"], build_seconds=entry["seconds"])  # None: not timed cleanly
         else:
             row[entry["stage"]] = entry["perplexity"]
     for entry in (e for e in entries if e["model"] == model and e["stage"] == "speed"):
