@@ -8,6 +8,7 @@ adding an entry here (and a test model of that layout in tests/).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -106,3 +107,8 @@ def active_groups(arch: Architecture, block: nn.Module) -> list[ScalingGroup]:
     return [g for g in arch.groups
             if g.same_shape is None
             or block.get_submodule(g.same_shape[0]).weight.shape == block.get_submodule(g.same_shape[1]).weight.shape]
+
+
+def head_size(config: Any) -> int:
+    """Per-head width of a model config: its own head_dim where it sets one (Qwen3), else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

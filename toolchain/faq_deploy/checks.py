@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from faq_deploy.architectures import block_linears
+from faq_deploy.architectures import block_linears, head_size
 from faq_deploy.errors import TargetError
 from faq_deploy.export import BUILDER_BITS, TABLE_SCHEMES, ExportOptions
 from faq_deploy.fetch import folder_bytes
@@ -79,8 +79,7 @@ def other_weight_bytes(model: nn.Module, export: ExportOptions, scale_dtype: str
         covered.update(id(weight) for weight, _ in packed)
     floats = sum(p.numel() for p in model.parameters() if id(p) not in covered)
     config = model.config
-    head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rotary = 2 * config.max_position_embeddings * (head_size // 2)
+    rotary = 2 * config.max_position_embeddings * (head_size(config) // 2)
     return tables + (floats + rotary) * act + GRAPH_BYTES_PER_LINEAR * len(linears)
 
 
@@ -93,8 +92,7 @@ def estimate(model: nn.Module, config: MethodConfig, context: int, export: Expor
     quantized = sum(stored_bytes(*linear.weight.shape, config.scheme_for(name)) for name, linear in linears.items())
     other = other_weight_bytes(model, export, config.scheme.scale_dtype)
     spec = model.config
-    head_size = getattr(spec, "head_dim", None) or spec.hidden_size // spec.num_attention_heads
-    kv = kv_cache_bytes(spec.num_hidden_layers, spec.num_key_value_heads, head_size, context,
+    kv = kv_cache_bytes(spec.num_hidden_layers, spec.num_key_value_heads, head_size(spec), context,
                         _DTYPE_BYTES[export.activation_dtype])
     return Footprint(quantized + other, kv, context)
 

@@ -22,6 +22,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
 from faq_deploy import checkpoint
+from faq_deploy.architectures import head_size
 from faq_deploy.errors import ExportError
 from faq_deploy.export import EMBEDDING_NODE, LM_HEAD_NODE, MODEL_FILE, ExportOptions, edited_graph, replace_node
 from faq_deploy.fetch import staged_dir
@@ -70,10 +71,10 @@ def export_dynamo(ckpt: Path, out: Path, options: ExportOptions) -> Path:
 
 def _trace(model: PreTrainedModel, path: Path) -> None:
     config = model.config
-    layers, kv_heads, head_size = config.num_hidden_layers, config.num_key_value_heads, _head_size(config)
+    layers, kv_heads, width = config.num_hidden_layers, config.num_key_value_heads, head_size(config)
     # Example shapes only fix the rank: every axis below is dynamic (a past of 0 runs, measured). Sizes
     # of 1 would be specialised by torch.export, hence 2 new tokens after 3 cached ones.
-    past = [torch.zeros(1, kv_heads, 3, head_size, dtype=model.dtype) for _ in range(2 * layers)]
+    past = [torch.zeros(1, kv_heads, 3, width, dtype=model.dtype) for _ in range(2 * layers)]
     example = (torch.ones(1, 2, dtype=torch.long), torch.ones(1, 5, dtype=torch.long), torch.tensor([[3, 4]]), *past)
     tokens = {0: "batch", 1: "sequence"}
     shapes = (tokens, {0: "batch", 1: "total_sequence"}, tokens, ({0: "batch", 2: "past_sequence"},) * len(past))
@@ -132,10 +133,6 @@ def _module_of(node: onnx.NodeProto) -> str:
     return path.removeprefix(f"{_WRAPPED}.")
 
 
-def _head_size(config: PretrainedConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def genai_config(config: PretrainedConfig, provider: str) -> dict:
     """genai_config.json for the traced graph: what the runtime and onnxruntime-genai read from it
     (the provider options as the builder writes them: none for the CPU)."""
@@ -149,7 +146,7 @@ def genai_config(config: PretrainedConfig, provider: str) -> dict:
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai",
                                     "provider_options": [] if provider == "cpu" else [{provider: {}}]},
-                "filename": MODEL_FILE, "head_size": _head_size(config), "hidden_size": config.hidden_size,
+                "filename": MODEL_FILE, "head_size": head_size(config), "hidden_size": config.hidden_size,
                 "num_attention_heads": config.num_attention_heads, "num_hidden_layers": config.num_hidden_layers,
                 "num_key_value_heads": config.num_key_value_heads,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
