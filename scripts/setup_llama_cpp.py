@@ -24,8 +24,10 @@ from faq_deploy.fetch import PinnedRelease, cache_dir, staged_dir
 
 RELEASE = PinnedRelease("llama-cpp-python", "0.3.36", sdist=True)
 TOOLS = ("llama-quantize", "llama-imatrix")
-# the converter imports sentencepiece before it looks for a tokenizer.model; llama-cpp-python needs diskcache
-PYTHON_NEEDS = ("sentencepiece", "diskcache")
+# the converter imports sentencepiece before it looks for a tokenizer.model; llama-cpp-python needs diskcache,
+# and its OpenAI server (scripts/bench_server.py) the packages of its [server] extra
+PYTHON_NEEDS = ("sentencepiece", "diskcache", "uvicorn", "fastapi", "sse-starlette", "starlette-context",
+                "pydantic-settings")
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,8 @@ def _build(home: Path) -> None:
 
 def _install_bindings(built: LlamaCpp) -> None:
     """llama-cpp-python's Python package over the built libraries (LLAMA_BUILD=OFF: no second compile)."""
-    probe = subprocess.run([sys.executable, "-c", "import llama_cpp, sentencepiece, diskcache"], env=built.environ(),
-                           capture_output=True)
+    probe = subprocess.run([sys.executable, "-c", "import llama_cpp.server.app, sentencepiece, diskcache"],
+                           env=built.environ(), capture_output=True)
     if probe.returncode == 0:
         return
     env = {**os.environ, "CMAKE_ARGS": "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"}

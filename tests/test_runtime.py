@@ -1,5 +1,5 @@
 """The device runtime on a real bundle of the default model: generation, sampling, stop strings,
-device checks, provider fallback, chat and the OpenAI-compatible server (real `openai` client)."""
+device checks, provider fallback and chat (the HTTP server has its own module, test_server.py)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,14 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-import onnx
-import onnxruntime as ort
-import openai
 import pytest
 from genai import genai_greedy
-from onnx import TensorProto, helper
 
 from faq_runtime.generate import Generator, TextStream
 from faq_runtime.load import LoadOptions, load
 from faq_runtime.sampling import Sampling
-from faq_runtime.server import Api, make_server
 from faq_runtime.template import ChatTemplate
 
 pytestmark = pytest.mark.heavy
@@ -69,7 +60,8 @@ def test_stop_strings_end_the_text_before_them_also_when_streamed(generator: Gen
     assert full.finish_reason == "length" and len(full.text) > 40
     stop = full.text[20:24]  # four characters that may straddle tokens
     pieces: list[str] = []
-    cut = generator.complete(ids, 48, stop=[stop, "never appears"], on_text=pieces.append)
+    cut = generator.complete(ids, 48, stop=[stop, "never appears"],
+                             on_text=lambda piece, _: pieces.append(piece))
     assert cut.text == full.text[:full.text.index(stop)] and cut.finish_reason == "stop"
     assert "".join(pieces) == cut.text
 
@@ -193,86 +185,3 @@ def test_chat_keeps_the_history(x86_bundle: Path) -> None:
     assert done.returncode == 0, done.stderr
     answers = [line for line in done.stdout.split("> ") if line.strip()]
     assert len(answers) == 2 and "Paris" in answers[0] and "Rome" in answers[1]
-
-
-@pytest.fixture(scope="module")
-def server(x86_bundle: Path) -> Iterator[str]:
-    process = subprocess.Popen([*FAQ_RUN, "serve", str(x86_bundle), "--port", "0", "--context", "128",
-                                "--model-name", "smol", "--quiet"], stderr=subprocess.PIPE, text=True)
-    assert process.stderr is not None
-    line = process.stderr.readline()
-    assert "serving smol on http://" in line, line + process.stderr.read()
-    yield line.split(" on ")[1].split()[0]
-    process.terminate()
-    process.wait(timeout=30)
-
-
-@pytest.fixture
-def client(server: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server, api_key="none", max_retries=0)
-
-
-def test_the_server_answers_the_openai_client(client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list()] == ["smol"]
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    answer = client.chat.completions.create(model="smol", messages=messages, max_tokens=12, temperature=0)
-    text = answer.choices[0].message.content
-    assert "Paris" in text and answer.usage.completion_tokens <= 12
-    chunks = client.chat.completions.create(model="smol", messages=messages, max_tokens=12, temperature=0,
-                                            stream=True)
-    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert streamed == text
-    completion = client.completions.create(model="smol", prompt=PROMPT, max_tokens=8, temperature=0, stop=["\n"])
-    assert completion.choices[0].text and "\n" not in completion.choices[0].text
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="smol", prompt=PROMPT, max_tokens=8, temperature=0, stop=["\n"], stream=True))
-    assert streamed == completion.choices[0].text
-    seeded = [client.completions.create(model="smol", prompt=PROMPT, max_tokens=8, seed=3).choices[0].text
-              for _ in range(2)]
-    assert seeded[0] == seeded[1]
-
-
-def test_the_server_refuses_bad_requests_with_json_errors(client: openai.OpenAI, server: str) -> None:
-    with pytest.raises(openai.NotFoundError) as missing:
-        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
-    assert missing.value.code == "model_not_found" and "this server runs 'smol'" in missing.value.message
-    with pytest.raises(openai.BadRequestError) as too_long:
-        client.completions.create(model="smol", prompt="word " * 200)
-    assert too_long.value.code == "context_length_exceeded" and "context holds 128" in too_long.value.message
-    with pytest.raises(openai.BadRequestError, match="temperature must be >= 0"):
-        client.completions.create(model="smol", prompt="x", temperature=-1)
-    for body, status, code in [(b"{not json", 400, "invalid_json"),
-                               (json.dumps({"model": "smol", "messages": "hi"}).encode(), 400, "invalid_type"),
-                               (b"x" * (2 << 20), 413, "request_too_large")]:
-        request = urllib.request.Request(f"{server}/chat/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with pytest.raises(urllib.error.HTTPError) as error:
-            urllib.request.urlopen(request, timeout=60)
-        assert error.value.code == status
-        assert json.loads(error.value.read())["error"]["code"] == code
-    with urllib.request.urlopen(server.removesuffix("/v1") + "/healthz", timeout=60) as health:
-        assert json.loads(health.read())["providers"][0] == "CPUExecutionProvider"
-
-
-def test_a_generation_that_fails_is_a_json_error_and_the_server_lives_on(x86_bundle: Path, tmp_path: Path) -> None:
-    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "another_model",
-                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, None])],
-                              [helper.make_tensor_value_info("logits", TensorProto.INT64, [1, None])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
-              tmp_path / "other.onnx")
-    broken = load(x86_bundle, LoadOptions(threads=1, check_device=False))
-    # A real session of a graph without the decoder's inputs: onnxruntime itself fails mid-request
-    broken.decoder.session = ort.InferenceSession(str(tmp_path / "other.onnx"))
-    server = make_server(Api(broken, "smol", log=False), "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="none", max_retries=0)
-    try:
-        with pytest.raises(openai.InternalServerError) as failed:
-            client.completions.create(model="smol", prompt=PROMPT, max_tokens=4)
-        assert failed.value.code == "generation_failed" and "past_key_values.0.key" in failed.value.message
-        with pytest.raises(openai.APIError, match="generation failed"):  # after the 200: an error event
-            list(client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "hi"}],
-                                                max_tokens=4, stream=True))
-        assert [m.id for m in client.models.list()] == ["smol"]
-    finally:
-        server.shutdown()

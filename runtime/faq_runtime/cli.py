@@ -61,7 +61,7 @@ def _generate(args: argparse.Namespace) -> int:
     generator = load(args.bundle, _options(args))
     prompt = generator.template.render([{"role": "user", "content": args.prompt}]) \
         if args.chat and generator.template else args.prompt
-    stream = (lambda piece: print(piece, end="", flush=True)) if args.stream and not args.json else None
+    stream = (lambda piece, _: print(piece, end="", flush=True)) if args.stream and not args.json else None
     done = generator.complete(generator.encode(prompt), args.max_tokens, sampling, args.stop, stream)
     if args.json:
         print(json.dumps({"text": done.text, "tokens": done.tokens, "prompt_tokens": done.prompt_tokens,
@@ -106,7 +106,7 @@ def _reply(generator: Generator, prompt: str, args: argparse.Namespace, sampling
     ids = generator.encode(prompt)
     try:
         done = generator.complete(ids, args.max_tokens, sampling, args.stop,
-                                  lambda piece: print(piece, end="", flush=True))
+                                  lambda piece, _: print(piece, end="", flush=True))
     except ContextFull as exc:
         print(f"error: {exc}; /reset to start over", file=sys.stderr)
         return None
@@ -119,7 +119,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     generator = load(args.bundle, _options(args))
     name = args.model_name or args.bundle.resolve().name
-    server = make_server(Api(generator, name, args.max_waiting, log=not args.quiet), args.host, args.port)
+    server = make_server(Api(generator, name, args.max_waiting, log=not args.quiet, timeout=args.timeout),
+                         args.host, args.port)
     host, port = server.server_address[:2]
     print(f"serving {name} on http://{host}:{port}/v1 ({generator.decoder.session.get_providers()[0]}, "
           f"context {generator.context}); Ctrl-C stops", file=sys.stderr, flush=True)
@@ -172,9 +173,18 @@ def _model_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _sampling_parser(max_tokens: int) -> argparse.ArgumentParser:
+    """Options checked before any model loads: argparse takes the types, Sampling the ranges."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--max-tokens", type=int, default=max_tokens, help=f"new tokens at most (default {max_tokens})")
+    parser.add_argument("--max-tokens", type=_positive, default=max_tokens,
+                        help=f"new tokens at most; the context's end stops earlier (default {max_tokens})")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
@@ -213,6 +223,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", help="the model id clients send (default: the bundle folder's name)")
     serve.add_argument("--max-waiting", type=int, default=4,
                        help="requests that may queue behind the running one; more get 429 (default 4)")
+    serve.add_argument("--timeout", type=float, default=10.0,
+                       help="seconds a request may take to arrive, and a write to a client may block (default 10)")
     serve.add_argument("--quiet", action="store_true", help="no per-request log lines")
     serve.set_defaults(run=_serve)
     check = commands.add_parser("verify", help="check a bundle's files against its manifest")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from faq_runtime.model import ContextFull, Decoder
@@ -13,14 +14,40 @@ from faq_runtime.sampling import Sampler, Sampling
 from faq_runtime.template import ChatTemplate
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (log-softmax of its raw logits, before any
+    sampling option reshapes them) and the `top` likeliest alternatives at that step, best first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+    @classmethod
+    def of(cls, logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+        logits = logits.astype(np.float64)
+        shifted = logits - logits.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        best = np.argpartition(-logprobs, top)[:top] if 0 < top < logprobs.size else np.arange(logprobs.size)[:top]
+        best = best[np.argsort(-logprobs[best], kind="stable")]
+        return cls(token, float(logprobs[token]), [(int(i), float(logprobs[i])) for i in best])
+
+
+# receives each piece of text as it becomes final, with the log-probabilities of the tokens that
+# were generated since the last piece (an empty list when none were asked for)
+OnText = Callable[[str, list[TokenLogprob]], None]
+
+
 @dataclass
 class Completion:
-    """What one generation produced; `finish_reason` is "stop" (end token or stop string) or "length"."""
+    """What one generation produced; `finish_reason` is "stop" (end token or stop string), "length",
+    or "cancelled" (the caller's `cancelled` said so between two tokens)."""
 
     prompt_tokens: int
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str = "length"
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class TextStream:
@@ -93,6 +120,12 @@ class Generator:
 
     def tokens(self, prompt_ids: Sequence[int], max_tokens: int, sampling: Sampling = Sampling()) -> Iterator[int]:
         """Next tokens until an end token, `max_tokens` or the context is full."""
+        return (token for token, _ in self.steps(prompt_ids, max_tokens, sampling))
+
+    def steps(self, prompt_ids: Sequence[int], max_tokens: int,
+              sampling: Sampling = Sampling()) -> Iterator[tuple[int, np.ndarray]]:
+        """`tokens`, each with the logits it was picked from. The next step runs only when the
+        consumer asks for the next token, so a consumer that stops early stops the work."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.context:
@@ -107,26 +140,39 @@ class Generator:
             token = pick(logits, seen)
             if token in self.stop_ids:
                 return
-            yield token
+            yield token, logits
             if produced + 1 < max_tokens:
                 seen.append(token)
                 logits = self.decoder.step([token], cache)
 
     def complete(self, prompt_ids: Sequence[int], max_tokens: int, sampling: Sampling = Sampling(),
-                 stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None) -> Completion:
-        """Generate after `prompt_ids`; `on_text` receives each piece of text as it becomes final."""
+                 stop: Sequence[str] = (), on_text: OnText | None = None, top_logprobs: int | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> Completion:
+        """Generate after `prompt_ids`. `top_logprobs` (None: off) records each token's log-probability
+        with that many alternatives; `cancelled` is asked before every step."""
         done = Completion(len(prompt_ids))
+        if cancelled and cancelled():
+            done.finish_reason = "cancelled"
+            return done
         stream = TextStream(self.tokenizer, stop)
-        for token in self.tokens(prompt_ids, max_tokens, sampling):
+        unsent: list[TokenLogprob] = []  # logprobs of tokens whose text is still held back
+        for token, logits in self.steps(prompt_ids, max_tokens, sampling):
             done.tokens.append(token)
+            if top_logprobs is not None:
+                done.logprobs.append(TokenLogprob.of(logits, token, top_logprobs))
+                unsent.append(done.logprobs[-1])
             piece = stream.push(token)
             if piece and on_text:
-                on_text(piece)
+                on_text(piece, unsent)
+                unsent = []
             if stream.stopped:
                 break
+            if cancelled and cancelled():
+                done.finish_reason = "cancelled"
+                return done
         budget = min(max_tokens, self.context - len(prompt_ids))
         done.finish_reason = "stop" if stream.stopped or len(done.tokens) < budget else "length"
-        if (rest := stream.flush()) and on_text:
-            on_text(rest)
+        if ((rest := stream.flush()) or unsent) and on_text:
+            on_text(rest, unsent)
         done.text = stream.text
         return done

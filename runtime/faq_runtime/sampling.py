@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+SEED_RANGE = (-(1 << 63), 1 << 64)  # a signed or unsigned 64-bit seed, as clients send them
+
+
+class SamplingError(ValueError):
+    """An option out of its range; `field` names the first one, for the server's error `param`."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(message for _, message in problems))
+        self.field = problems[0][0]
+
 
 @dataclass(frozen=True)
 class Sampling:
-    """`temperature` 0 is greedy (the other knobs then only apply the repetition penalty)."""
+    """`temperature` 0 is greedy (the other knobs then only apply the repetition penalty).
+
+    Both the CLI and the server build their options through this class, so its checks are the one
+    place a value is judged: finite numbers only (Python's json and float() both accept NaN and
+    infinity), each in its range."""
 
     temperature: float = 0.0
     top_k: int = 0          # 0: no top-k cut
@@ -19,17 +34,21 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = [(name, f"{name} must be a finite number, got {value}")
+                    for name, value in (("temperature", self.temperature), ("top_p", self.top_p),
+                                        ("repetition_penalty", self.repetition_penalty)) if not math.isfinite(value)]
         if self.temperature < 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
+            problems.append(("temperature", f"temperature must be >= 0, got {self.temperature}"))
         if self.top_k < 0:
-            problems.append(f"top_k must be >= 0, got {self.top_k}")
+            problems.append(("top_k", f"top_k must be >= 0, got {self.top_k}"))
         if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+            problems.append(("top_p", f"top_p must be in (0, 1], got {self.top_p}"))
         if self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            problems.append(("repetition_penalty", f"repetition_penalty must be > 0, got {self.repetition_penalty}"))
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            problems.append(("seed", f"seed must be a 64-bit integer, got {self.seed}"))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise SamplingError(problems)
 
 
 class Sampler:
@@ -37,7 +56,8 @@ class Sampler:
 
     def __init__(self, sampling: Sampling) -> None:
         self.sampling = sampling
-        self.rng = np.random.default_rng(sampling.seed)
+        seed = None if sampling.seed is None else sampling.seed % SEED_RANGE[1]  # numpy takes no negative seed
+        self.rng = np.random.default_rng(seed)
 
     def __call__(self, logits: np.ndarray, seen: Sequence[int]) -> int:
         s = self.sampling
@@ -51,11 +71,12 @@ class Sampler:
                                    logits[ids] * s.repetition_penalty)
         if s.temperature == 0:
             return int(logits.argmax())
-        logits /= s.temperature
+        # shift before scaling: a tiny temperature then sends the others to -inf, never the best to inf
+        logits = (logits - logits.max()) / s.temperature
         if 0 < s.top_k < logits.size:
             kth = np.partition(logits, -s.top_k)[-s.top_k]
             logits[logits < kth] = -np.inf
-        probs = np.exp(logits - logits.max())
+        probs = np.exp(logits)
         probs /= probs.sum()
         if s.top_p < 1.0:
             order = np.argsort(-probs, kind="stable")

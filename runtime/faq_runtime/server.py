@@ -2,68 +2,93 @@
 
 Endpoints: GET /healthz, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
 `"stream": true` as server-sent events). One model, one generation at a time (a board's cores are
-all busy with one); up to `max_waiting` more requests queue, the rest get 429 at once. Errors are
-OpenAI-shaped JSON: {"error": {"message", "type", "param", "code"}}.
+all busy with one); up to `max_waiting` more requests queue, the rest get 429 at once.
+
+The device is never held for a client that is not there: a request must arrive whole within
+`timeout` seconds (a plain socket timeout restarts at every byte a slow client trickles), every
+write may block at most as long, and a client that closes its connection stops its generation
+between two tokens, or leaves the queue, within a tenth of a second. Every answer, http.server's
+own errors included, is JSON; errors are OpenAI-shaped (openai_forms.ApiError).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import select
+import socket
 import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from faq_runtime.generate import Completion, Generator
-from faq_runtime.sampling import Sampling
+from faq_runtime.generate import Completion, Generator, OnText, TokenLogprob
+from faq_runtime.openai_forms import ApiError, Request, TokenText, parse
 
 MAX_BODY_BYTES = 1 << 20
-DRAIN_LIMIT = 16 << 20
+TIMEOUT_S = 10.0
+QUEUE_POLL_S = 0.1      # how often a queued request looks whether its client is still there
+DISCARD_S = 1.0         # after a 413, how long an honest client's body is read and dropped
+DISCARD_BYTES = 16 << 20
+ROUTES = {"/v1/chat/completions": True, "/v1/completions": False}  # path -> chat?
 
 
-class ApiError(Exception):
-    def __init__(self, status: HTTPStatus, message: str, code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
-    def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+class ClientGone(Exception):
+    """The client closed its connection or stopped reading: nobody is left to answer."""
 
 
-@dataclass
-class Request:
-    """One completion request, validated: what to generate after and how."""
+class Queue:
+    """The requests admitted to the device, served in arrival order: the first runs, up to
+    `max_waiting` more wait. (A plain lock would let a late request overtake ones that waited longer.)"""
 
-    prompt_ids: list[int]
-    max_tokens: int
-    sampling: Sampling
-    stop: list[str]
-    stream: bool
+    def __init__(self, max_waiting: int) -> None:
+        self.capacity = max_waiting + 1
+        self.tickets: deque[object] = deque()
+        self.changed = threading.Condition()
 
+    def admit(self) -> object | None:
+        """A ticket, or None when the queue is full."""
+        with self.changed:
+            if len(self.tickets) >= self.capacity:
+                return None
+            self.tickets.append(ticket := object())
+            return ticket
 
-def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"'{name}' must be {names}", "invalid_type", name)
-    return value
+    def wait_turn(self, ticket: object, gone: Callable[[], bool]) -> bool:
+        """Block until `ticket` is first; False as soon as `gone` says its client left."""
+        with self.changed:
+            while self.tickets[0] is not ticket:
+                if gone():
+                    return False
+                self.changed.wait(QUEUE_POLL_S)
+        return True
+
+    def leave(self, ticket: object) -> None:
+        with self.changed:
+            if ticket in self.tickets:
+                self.tickets.remove(ticket)
+                self.changed.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.tickets)
 
 
 class Api:
     """The endpoints over one Generator, independent of the HTTP plumbing."""
 
-    def __init__(self, generator: Generator, model: str, max_waiting: int = 4, log: bool = True) -> None:
-        self.generator, self.model, self.log = generator, model, log
-        self.running = threading.Lock()
-        self.admitted = threading.BoundedSemaphore(max_waiting + 1)
+    def __init__(self, generator: Generator, model: str, max_waiting: int = 4, log: bool = True,
+                 timeout: float = TIMEOUT_S) -> None:
+        self.generator, self.model, self.log, self.timeout = generator, model, log, timeout
+        self.queue = Queue(max_waiting)
+        self.token_text = TokenText(generator.tokenizer)
+        self.abandoned = 0  # requests whose client left while they waited or ran
+        self._counting = threading.Lock()
 
     def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0,
@@ -71,71 +96,36 @@ class Api:
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.model, "context": self.generator.context,
-                "providers": self.generator.decoder.session.get_providers()}
+                "providers": self.generator.decoder.session.get_providers(), "busy": self.queue.busy,
+                "abandoned": self.abandoned}
 
     def parse(self, body: dict[str, Any], chat: bool) -> Request:
-        if (model := body.get("model")) != self.model:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"model {model!r} does not exist; this server runs {self.model!r}",
-                           "model_not_found", "model")
-        if _field(body, "n", int, 1) != 1:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "only n=1 is supported", "unsupported_value", "n")
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise ApiError(HTTPStatus.BAD_REQUEST, "'messages' must be a non-empty list", "invalid_type",
-                               "messages")
-            if self.generator.template is None:
-                raise ApiError(HTTPStatus.BAD_REQUEST, "this model has no chat template; use /v1/completions",
-                               "unsupported_endpoint")
-            try:
-                prompt = self.generator.template.render(messages)
-            except ValueError as exc:
-                raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value", "messages") from None
-            limit = _field(body, "max_completion_tokens", int, None) or _field(body, "max_tokens", int, None)
-        else:
-            prompt = _field(body, "prompt", (str, list), None)
-            if isinstance(prompt, list):  # the API allows a list of prompts: a batch of one is all we run
-                if len(prompt) != 1 or not isinstance(prompt[0], str):
-                    raise ApiError(HTTPStatus.BAD_REQUEST, "'prompt' must be a string or a list of one string",
-                                   "invalid_value", "prompt")
-                prompt = prompt[0]
-            if not prompt:
-                raise ApiError(HTTPStatus.BAD_REQUEST, "'prompt' must be a non-empty string", "invalid_value",
-                               "prompt")
-            limit = _field(body, "max_tokens", int, 16)  # the OpenAI default for completions
-        ids = self.generator.encode(prompt)
-        room = self.generator.context - len(ids)
-        if room <= 0:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"the prompt has {len(ids)} tokens; this model's context holds "
-                           f"{self.generator.context}", "context_length_exceeded", "messages" if chat else "prompt")
-        if limit is not None and limit < 1:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "max_tokens must be at least 1", "invalid_value", "max_tokens")
-        stop = _field(body, "stop", (str, list), [])
-        stop = [stop] if isinstance(stop, str) else stop
-        if len(stop) > 4 or not all(isinstance(s, str) for s in stop):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "'stop' must be a string or up to 4 strings", "invalid_value",
-                           "stop")
-        try:
-            sampling = Sampling(temperature=float(_field(body, "temperature", (int, float), 1.0)),
-                                top_k=_field(body, "top_k", int, 0),
-                                top_p=float(_field(body, "top_p", (int, float), 1.0)),
-                                repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 1.0)),
-                                seed=_field(body, "seed", int, None))
-        except ValueError as exc:
-            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_value") from None
-        return Request(ids, min(limit or room, room), sampling, stop, bool(_field(body, "stream", bool, False)))
+        return parse(body, chat, self.model, self.generator)
 
-    def run(self, request: Request, on_text: Callable[[str], None] | None = None) -> Completion:
-        with self.running:  # `parse` bounded the prompt and max_tokens by the context
-            try:
-                return self.generator.complete(request.prompt_ids, request.max_tokens, request.sampling,
-                                               request.stop, on_text)
-            except (BrokenPipeError, ConnectionResetError):
-                raise
-            except Exception as exc:  # onnxruntime's (out of memory, a failed kernel): the server lives on
-                traceback.print_exc()
-                raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {exc}",
-                               "generation_failed") from exc
+    def run(self, request: Request, ticket: object, on_text: OnText | None, gone: Callable[[], bool]) -> Completion:
+        """Wait for the device (`ticket`'s turn), giving up as soon as the client leaves, then generate
+        until done or until the client leaves (ClientGone either way)."""
+        if not self.queue.wait_turn(ticket, gone):
+            self._abandoned()
+        try:
+            done = self.generator.complete(request.prompt_ids, request.max_tokens, request.sampling, request.stop,
+                                           on_text, request.top_logprobs, gone)
+        except OSError:  # a write to the client failed (reset, closed, or blocked past the timeout)
+            done = Completion(len(request.prompt_ids), finish_reason="cancelled")
+        except Exception as exc:  # onnxruntime's (out of memory, a failed kernel): the server lives on
+            traceback.print_exc()
+            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {exc}",
+                           "generation_failed") from exc
+        finally:
+            self.queue.leave(ticket)  # the next request may start while this answer is written
+        if done.finish_reason == "cancelled":
+            self._abandoned()
+        return done
+
+    def _abandoned(self) -> None:
+        with self._counting:
+            self.abandoned += 1
+        raise ClientGone
 
 
 def _usage(done: Completion) -> dict[str, int]:
@@ -143,9 +133,55 @@ def _usage(done: Completion) -> dict[str, int]:
             "total_tokens": done.prompt_tokens + len(done.tokens)}
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The connection's reads, each bounded by what is left until `deadline` (None: no bound)."""
+
+    def __init__(self, connection: socket.socket) -> None:
+        self.connection = connection
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request took too long to arrive")
+            self.connection.settimeout(left)
+        return self.connection.recv_into(buffer)
+
+
 class Handler(BaseHTTPRequestHandler):
-    api: Api  # set on the subclass `serve` makes
+    """HTTP/1.0 (http.server's default): one request per connection, so a connection with nothing
+    left to read after its request is one the client has closed."""
+
+    api: Api  # set on the subclass `make_server` makes
     server_version = "faq-runtime"
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # replaced by a reader that keeps the request's deadline
+        self.reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self) -> None:
+        self.reader.deadline = time.monotonic() + self.api.timeout
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        try:
+            return super().parse_request()
+        except TimeoutError:  # the headers did not arrive in time
+            self.send_error(HTTPStatus.REQUEST_TIMEOUT, f"the request did not arrive within {self.api.timeout:g} s")
+            self._discard_rest()
+            return False
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (bad request line, headers too long, unknown method) as JSON too."""
+        status = HTTPStatus(code)
+        self.close_connection = True
+        self._error(ApiError(status, message or status.phrase, status.phrase.lower().replace(" ", "_")))
 
     def log_message(self, format: str, *args: Any) -> None:  # one line per request, as http.server does
         if self.api.log:
@@ -159,99 +195,150 @@ class Handler(BaseHTTPRequestHandler):
             self._error(ApiError(HTTPStatus.NOT_FOUND, f"no route GET {self.path}", "not_found"))
 
     def do_POST(self) -> None:
-        chat = {"/v1/chat/completions": True, "/v1/completions": False}.get(self.path)
         try:
-            if chat is None:
+            if (chat := ROUTES.get(self.path)) is None:
                 raise ApiError(HTTPStatus.NOT_FOUND, f"no route POST {self.path}", "not_found")
             request = self.api.parse(self._body(), chat)
-            if not self.api.admitted.acquire(blocking=False):
+            if (ticket := self.api.queue.admit()) is None:
                 raise ApiError(HTTPStatus.TOO_MANY_REQUESTS, "the server is busy; retry later", "busy")
             try:
-                self._stream(request, chat) if request.stream else self._answer(request, chat)
+                self._stream(request, chat, ticket) if request.stream else self._answer(request, chat, ticket)
             finally:
-                self.api.admitted.release()
+                self.api.queue.leave(ticket)
         except ApiError as exc:
             self._error(exc)
-        except (BrokenPipeError, ConnectionResetError):  # the client left mid-stream: nothing to tell it
-            pass
+            if exc.status in (HTTPStatus.REQUEST_ENTITY_TOO_LARGE, HTTPStatus.REQUEST_TIMEOUT):
+                self._discard_rest()
+        except (ClientGone, OSError):  # nobody left to tell
+            self.close_connection = True
+        except Exception as exc:  # a bug of ours: the client still gets an answer, the server lives on
+            traceback.print_exc()
+            self._error(ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(exc).__name__}",
+                                 "internal_error"))
 
     def _body(self) -> dict[str, Any]:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None:
             raise ApiError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required", "length_required")
-        if int(length) > MAX_BODY_BYTES:
-            self._drain(int(length))
+        if not length.strip().isdigit():
+            raise ApiError(HTTPStatus.BAD_REQUEST, "Content-Length must be a byte count", "invalid_length")
+        if (size := int(length)) > MAX_BODY_BYTES:  # refused before a byte of the body is read
             raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           f"the request has {int(length)} bytes; the limit is {MAX_BODY_BYTES}", "request_too_large")
+                           f"the request has {size} bytes; the limit is {MAX_BODY_BYTES}", "request_too_large")
         try:
-            body = json.loads(self.rfile.read(int(length)))
-        except ValueError as exc:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON ({exc})", "invalid_json") from None
+            data = self.rfile.read(size)
+        except TimeoutError:
+            raise ApiError(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {self.api.timeout:g} s",
+                           "request_timeout") from None
+        if len(data) < size:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body ended after {len(data)} of {size} bytes",
+                           "incomplete_body")
+        try:
+            body = json.loads(data)
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON ({type(exc).__name__}: "
+                           f"{str(exc)[:200]})", "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object", "invalid_json")
         return body
 
-    def _drain(self, length: int) -> None:
-        """Read and drop an oversized body (up to a bound), so the client, still sending, gets our
-        413 instead of a broken pipe; past the bound the connection just closes after the answer."""
-        left = min(length, DRAIN_LIMIT)
-        while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
-            left -= len(chunk)
+    def _discard_rest(self) -> None:
+        """After a 413 or 408, read and drop what the client is still sending, briefly: closing on unread
+        bytes resets the connection, and a reset can destroy the answer before the client reads it."""
         self.close_connection = True
+        self.reader.deadline = time.monotonic() + DISCARD_S
+        left = DISCARD_BYTES
+        try:
+            while left > 0 and (chunk := self.rfile.read1(min(left, 1 << 16))):
+                left -= len(chunk)
+        except OSError:
+            pass
 
-    def _envelope(self, chat: bool) -> dict[str, Any]:
-        return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-                "model": self.api.model}
+    def _client_gone(self) -> bool:
+        """Whether the client has closed its end: readable with nothing to read, or hung up."""
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN)
+        try:
+            events = poller.poll(0)
+            if not events:
+                return False
+            if events[0][1] & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                return True
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
-    def _answer(self, request: Request, chat: bool) -> None:
-        done = self.api.run(request)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason}
+    def _begin(self, status: HTTPStatus, content_type: str, length: int | None = None) -> None:
+        """Start the answer; from here every write may block at most `timeout` seconds."""
+        self.reader.deadline = None
+        self.connection.settimeout(self.api.timeout)
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        if length is None:
+            self.send_header("Cache-Control", "no-cache")
+        else:
+            self.send_header("Content-Length", str(length))
+        self.end_headers()
+
+    def _envelope(self, chat: bool, stream: bool) -> dict[str, Any]:
+        kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
+        return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": kind,
+                "created": int(time.time()), "model": self.api.model}
+
+    def _logprobs(self, request: Request, chat: bool, items: list[TokenLogprob], offset: int) -> Any:
+        if request.top_logprobs is None:
+            return None
+        text = self.api.token_text
+        return text.chat(items) if chat else text.completion(items, offset)
+
+    def _answer(self, request: Request, chat: bool, ticket: object) -> None:
+        done = self.api.run(request, ticket, None, self._client_gone)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason,
+                                  "logprobs": self._logprobs(request, chat, done.logprobs, 0)}
         if chat:
             choice["message"] = {"role": "assistant", "content": done.text}
         else:
-            choice.update(text=done.text, logprobs=None)
-        self._json(HTTPStatus.OK, {**self._envelope(chat), "object": "chat.completion" if chat else "text_completion",
-                                   "choices": [choice], "usage": _usage(done)})
+            choice["text"] = done.text
+        self._json(HTTPStatus.OK, {**self._envelope(chat, stream=False), "choices": [choice], "usage": _usage(done)})
 
-    def _stream(self, request: Request, chat: bool) -> None:
-        envelope = {**self._envelope(chat), "object": "chat.completion.chunk" if chat else "text_completion"}
-
-        def chunk(text: str | None, finish: str | None = None) -> dict[str, Any]:
-            choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
-            if chat:
-                choice["delta"] = {} if text is None else {"content": text}
-            else:
-                choice.update(text=text or "", logprobs=None)
-            return {**envelope, "choices": [choice]}
+    def _stream(self, request: Request, chat: bool, ticket: object) -> None:
+        envelope = self._envelope(chat, stream=True)
+        sent = 0  # characters of text sent: completions' logprobs count their text_offset from it
 
         def send(event: dict[str, Any] | str) -> None:
             data = event if isinstance(event, str) else json.dumps(event)
             self.wfile.write(f"data: {data}\n\n".encode())
             self.wfile.flush()
 
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
+        def piece(text: str | None, items: list[TokenLogprob], finish: str | None = None) -> None:
+            nonlocal sent
+            choice: dict[str, Any] = {"index": 0, "finish_reason": finish,
+                                      "logprobs": self._logprobs(request, chat, items, sent) if items else None}
+            if chat:
+                choice["delta"] = {} if text is None else {"content": text}
+            else:
+                choice["text"] = text or ""
+            sent += len(text or "")
+            send({**envelope, "choices": [choice]})
+
+        self._begin(HTTPStatus.OK, "text/event-stream")
         if chat:
-            first = chunk(None)
-            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            send(first)
+            send({**envelope, "choices": [{"index": 0, "finish_reason": None, "logprobs": None,
+                                           "delta": {"role": "assistant", "content": ""}}]})
         try:
-            done = self.api.run(request, lambda piece: send(chunk(piece)))
+            done = self.api.run(request, ticket, piece, self._client_gone)
         except ApiError as exc:  # the 200 is sent: the error comes as an event, as OpenAI's do
             send(exc.body())
             self.close_connection = True
             return
-        send(chunk(None, done.finish_reason))
+        piece(None, [], done.finish_reason)
+        if request.include_usage:
+            send({**envelope, "choices": [], "usage": _usage(done)})
         send("[DONE]")
 
     def _json(self, status: HTTPStatus, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
+        self._begin(status, "application/json", len(data))
         self.wfile.write(data)
 
     def _error(self, error: ApiError) -> None:

@@ -52,5 +52,8 @@ class ChatTemplate:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
         env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-        return env.from_string(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                   bos_token=self.bos_token, eos_token=self.eos_token)
+        try:
+            return env.from_string(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                       bos_token=self.bos_token, eos_token=self.eos_token)
+        except TemplateError as exc:  # raise_exception in the template, e.g. roles out of order
+            raise ValueError(f"the chat template refuses these messages: {exc}") from None
