@@ -178,7 +178,8 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
                 perplexity_float=round(before.perplexity, 4), perplexity_bundle=round(after.perplexity, 4),
                 eval_tokens=before.tokens, parity=asdict(parity))
             sections = {
-                "source": {"name": loaded.ref.name, "kind": loaded.ref.kind, "sha256": loaded.ref.sha256},
+                "source": {"name": loaded.ref.name, "kind": loaded.ref.kind, "sha256": loaded.ref.sha256,
+                           "license": loaded.ref.license, "upstream": loaded.ref.upstream},
                 "quantization": {**describe(config), "calibration": asdict(used) if used else None,
                                  "modules": modules, "budget_bytes": budget_bytes},
                 "export": asdict(export),

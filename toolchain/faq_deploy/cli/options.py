@@ -15,7 +15,8 @@ from faq_deploy.registry import ENV_DIRS, Registry
 
 model_option = click.option(
     "--model", "model_spec", metavar="MODEL", default=None,
-    help="Model folder, .gguf file or hub id; default: the embedded SmolLM2-135M-Instruct.")
+    help="Embedded model key (`faq-deploy models list`), model folder, .gguf file or hub id; "
+         "default: the embedded SmolLM2-135M-Instruct.")
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 
