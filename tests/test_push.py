@@ -487,3 +487,25 @@ ansible_port=2222
     assert [h.name for h in inventory.read(hosts, "jetsons")] == ["nano1", "nano2"]
     with pytest.raises(Exception, match="no group 'x'"):
         inventory.read(hosts, "x")
+
+
+def test_inventory_variables_come_from_every_ancestor_group_the_nearest_winning(tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("""
+[site:children]
+lab
+[lab:children]
+bench
+[bench]
+orin1 ansible_host=10.0.2.1
+[site:vars]
+ansible_user=site
+faq_deploy_root=/srv/site
+ansible_port=2200
+[lab:vars]
+ansible_user=lab
+[bench:vars]
+ansible_port=2201
+""")
+    (orin,) = inventory.read(hosts, "site")
+    assert orin.settings == {"hostname": "10.0.2.1", "user": "lab", "root": "/srv/site", "port": "2201"}

@@ -102,7 +102,11 @@ def _hosts_of(group: str, members: dict[str, list[str]], children: dict[str, lis
 
 
 def _groups_of(host: str, members: dict[str, list[str]], children: dict[str, list[str]]) -> list[str]:
-    """The host's groups, parents before children, so a child's variables win."""
+    """The host's groups and all their ancestors, each ancestor before its descendants, so the
+    nearest group's variables win (as Ansible's do)."""
+    def lineage(group: str, seen: frozenset[str]) -> list[str]:
+        parents = [p for p, kids in children.items() if group in kids and p not in seen]
+        return [g for p in parents for g in lineage(p, seen | {p})] + [group]
+
     direct = [g for g, hosts in members.items() if host in hosts and g not in ("all", "ungrouped")]
-    parents = [p for p, kids in children.items() for g in direct if g in kids]
-    return list(dict.fromkeys(parents + direct))
+    return list(dict.fromkeys(g for group in direct for g in lineage(group, frozenset({group}))))
