@@ -9,9 +9,14 @@ quantizer.jsonl and are skipped when there; `--jobs N` runs N at once (a GPU mac
 minutes, a 2-core CPU in hours).
 
 A variant is METHOD:ROUNDING[:KEY=VALUE...] with method options as `faq-deploy quantize` takes them
-and `budget=MB` for a byte budget, e.g. `faq:gptq:coarse=4:search_rows=4` or `faq:gptq:budget=105.5`.
+and `budget=MB` for a byte budget, e.g. `faq:gptq:coarse=4:search_rows=4` or `faq:gptq:budget=105.5`;
+`fp` is the float model. `--protocol evaluation` reports results instead of choosing defaults: it
+calibrates on speeches-calib and scores the evaluation speeches (20,480 tokens) and the King James
+Bible (10,240); `--model` takes any embedded model.
 
     .venv/bin/python scripts/study_quantizer.py --variants faq:nearest faq:gptq --bits 4 --seeds 0 1 2
+    .venv/bin/python scripts/study_quantizer.py --model qwen2.5-coder-0.5b --protocol evaluation \
+        --variants fp rtn:nearest awq:gptq faq:gptq --out docs/results/qwen2.5-coder-0.5b
 """
 
 from __future__ import annotations
@@ -27,12 +32,18 @@ from pathlib import Path
 
 from bench_quality import ResultLog
 
-CALIB, HELD_OUT = "speeches:1790-1989", "speeches:1990-1999"
-SCORES = ((HELD_OUT, 8192, 1024), (HELD_OUT, 8192, 512), ("bible-kjv", 4096, 1024))
+from faq_deploy.models import DEFAULT_MODEL, EMBEDDED
+
+HELD_OUT = "speeches:1990-1999"
+# protocol -> (calibration text, scores as (text, tokens, window))
+PROTOCOLS = {
+    "holdout": ("speeches:1790-1989", ((HELD_OUT, 8192, 1024), (HELD_OUT, 8192, 512), ("bible-kjv", 4096, 1024))),
+    "evaluation": ("speeches-calib", (("speeches-eval", 20480, 1024), ("bible-kjv", 10240, 1024))),
+}
 
 
-def run(variant: str, bits: int, group: int, seed: int, scales: str) -> dict:
-    """Child mode: one quantization and its three scores."""
+def run(model_key: str, protocol: str, variant: str, bits: int, group: int, seed: int, scales: str) -> dict:
+    """Child mode: one quantization and its scores."""
     import torch
 
     from faq_deploy import checks, models
@@ -42,23 +53,26 @@ def run(variant: str, bits: int, group: int, seed: int, scales: str) -> dict:
     from faq_deploy.quant import compute_device, make_config
     from faq_deploy.quant.scheme import QuantScheme
 
-    method, rounding, *settings = variant.split(":")
-    options = {key: _value(value) for key, value in (s.split("=") for s in settings)}
-    budget_mb = options.pop("budget", None)
-    loaded = models.load(None)
-    config = make_config(method, QuantScheme(bits, group, scale_dtype=scales), rounding=rounding, **options)
-    start = time.perf_counter()
-    result = quantize_loaded(loaded, config, Calibration(CALIB, 32, 512, seed),
-                             int(budget_mb * 1e6) if budget_mb else None)
-    row = {"seconds": round(time.perf_counter() - start, 1),
-           "estimated_mb": round(checks.estimate(loaded.model, result.config, 1024).weights_bytes / 1e6, 3)}
-    row["mix"] = {}
-    for weight in result.weights.values():
-        key = f"w{weight.scheme.bits}g{weight.scheme.group_size}"
-        row["mix"][key] = row["mix"].get(key, 0) + weight.codes.numel()
+    calibration, scores = PROTOCOLS[protocol]
+    loaded = models.load(model_key)
+    row: dict = {}
+    if variant != "fp":
+        method, rounding, *settings = variant.split(":")
+        options = {key: _value(value) for key, value in (s.split("=") for s in settings)}
+        budget_mb = options.pop("budget", None)
+        config = make_config(method, QuantScheme(bits, group, scale_dtype=scales), rounding=rounding, **options)
+        start = time.perf_counter()
+        result = quantize_loaded(loaded, config, Calibration(calibration, 32, 512, seed),
+                                 int(budget_mb * 1e6) if budget_mb else None)
+        row = {"seconds": round(time.perf_counter() - start, 1),
+               "estimated_mb": round(checks.estimate(loaded.model, result.config, 1024).weights_bytes / 1e6, 3),
+               "mix": {}}
+        for weight in result.weights.values():
+            key = f"w{weight.scheme.bits}g{weight.scheme.group_size}"
+            row["mix"][key] = row["mix"].get(key, 0) + weight.codes.numel()
     model = loaded.model.to(compute_device())
     with torch.inference_mode():
-        for text, tokens, window in SCORES:
+        for text, tokens, window in scores:
             ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(text), tokens)
             row[f"{text} w{window}"] = round(perplexity(model, ids, window).perplexity, 4)
     return row
@@ -75,11 +89,11 @@ def _value(text: str) -> bool | int | float | str:
     return text
 
 
-def summary(rows: list[dict]) -> str:
+def summary(rows: list[dict], protocol: str) -> str:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["variant"], row["bits"], row["group"], row["scales"]), []).append(row)
-    keys = [f"{text} w{window}" for text, _, window in SCORES]
+    keys = [f"{text} w{window}" for text, _, window in PROTOCOLS[protocol][1]]
     lines = ["| variant | config | scales | seeds | " + " | ".join(keys) + " | weights MB | quantize s |",
              "|---|---|---|---|" + "---|" * (len(keys) + 2)]
     for (variant, bits, group, scales), runs in sorted(groups.items()):
@@ -88,13 +102,18 @@ def summary(rows: list[dict]) -> str:
             values = [r[key] for r in runs]
             cells.append(f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1
                                                              else ""))
-        lines.append(f"| {variant} | w{bits} g{group} | {scales} | {len(runs)} | " + " | ".join(cells) +
-                     f" | {runs[0].get('estimated_mb', '-')} | {statistics.median(r['seconds'] for r in runs)} |")
+        seconds = [r["seconds"] for r in runs if "seconds" in r]
+        lines.append(f"| {variant} | {'-' if variant == 'fp' else f'w{bits} g{group}'} | {scales} | {len(runs)} | "
+                     + " | ".join(cells) + f" | {runs[0].get('estimated_mb', '-')} | "
+                     f"{statistics.median(seconds) if seconds else '-'} |")
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL.key, choices=list(EMBEDDED), help="an embedded model")
+    parser.add_argument("--protocol", default="holdout", choices=list(PROTOCOLS),
+                        help="holdout: choose defaults (never the evaluation text); evaluation: report results")
     parser.add_argument("--variants", nargs="+", default=["rtn:nearest", "awq:nearest", "faq:nearest", "faq:gptq"])
     parser.add_argument("--bits", nargs="+", type=int, default=[4])
     parser.add_argument("--group", type=int, default=32)
@@ -103,29 +122,36 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)  # variant bits group seed scales
+    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)  # model protocol variant bits group seed scales
     args = parser.parse_args()
     if args.child:
-        variant, bits, group, seed, scales = args.child
-        print(json.dumps(run(variant, int(bits), int(group), int(seed), scales)))
+        model_key, protocol, variant, bits, group, seed, scales = args.child
+        print(json.dumps(run(model_key, protocol, variant, int(bits), int(group), int(seed), scales)))
         return 0
+    args.out.mkdir(parents=True, exist_ok=True)
     log = ResultLog(args.out / "quantizer.jsonl")
-    keys = [{"variant": v, "bits": b, "group": args.group, "scales": args.scales,
-             "seed": s if not v.startswith("rtn:nearest") else 0}  # RTN sees no calibration: one run
+    # the float model and nearest-rounded RTN see no calibration: one run each
+    keys = [{"variant": v, "bits": 16 if v == "fp" else b, "group": 0 if v == "fp" else args.group,
+             "scales": args.scales, "seed": s if v != "fp" and not v.startswith("rtn:nearest") else 0,
+             # rows of the default model and protocol carry neither key (older rows never had them)
+             **({"model": args.model} if args.model != DEFAULT_MODEL.key else {}),
+             **({"protocol": args.protocol} if args.protocol != "holdout" else {})}
             for b in args.bits for s in args.seeds for v in args.variants]
     pending = [k for k in dict.fromkeys(json.dumps(k, sort_keys=True) for k in keys) if not log.has(json.loads(k))]
 
     def measure(key: str) -> dict:
         k = json.loads(key)
-        done = subprocess.run([sys.executable, __file__, "--child", k["variant"], str(k["bits"]), str(k["group"]),
-                               str(k["seed"]), k["scales"]], capture_output=True, text=True, check=True)
+        done = subprocess.run([sys.executable, __file__, "--child", args.model, args.protocol, k["variant"],
+                               str(k["bits"]), str(k["group"]), str(k["seed"]), k["scales"]],
+                              capture_output=True, text=True, check=True)
         return {**k, **json.loads(done.stdout.strip().splitlines()[-1])}
 
     with ThreadPoolExecutor(args.jobs) as pool:
         for row in pool.map(measure, pending):
             log.add(row)
             print(json.dumps(row), flush=True)
-    text = summary(log.rows)
+    text = summary([r for r in log.rows if r.get("model", DEFAULT_MODEL.key) == args.model
+                    and r.get("protocol", "holdout") == args.protocol], args.protocol)
     print(text)
     head, _, tail = (args.out / "quantizer.md").read_text().partition(TABLE_START) if (
         args.out / "quantizer.md").exists() else ("", "", "")

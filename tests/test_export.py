@@ -255,6 +255,8 @@ def test_build_writes_a_verified_bundle(built: tuple[Path, dict]) -> None:
     out, result = built
     manifest = json.loads((out / MANIFEST).read_text())
     assert result["bundle_id"] == manifest["bundle_id"] and result["target"] == "jetson-orin-nano-8gb"
+    assert result["peak_rss_bytes"].keys() == result["seconds"].keys()  # every stage's peak memory
+    assert all(100e6 < peak < 16e9 for peak in result["peak_rss_bytes"].values())
     assert manifest["quantization"]["method"] == "faq" and manifest["quantization"]["modules"] == 210
     assert manifest["quantization"]["calibration"]["samples"] == 2
     assert manifest["export"]["accuracy_level"] == 4 and manifest["export"]["exporter"] in EXPORT

@@ -5,12 +5,13 @@ Every stage's output feeds the next and nothing is written at `out` until the bu
 
 from __future__ import annotations
 
+import resource
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +81,41 @@ class BuildResult:
     eval_tokens: int
     parity: dict[str, float]
     seconds: dict[str, float]
+    peak_rss_bytes: dict[str, int]  # per stage (Stages says how it is counted)
 
 
-@contextmanager
-def _stage(number: int, name: str, seconds: dict[str, float]) -> Iterator[None]:
-    print(f"[{number}/{STAGES}] {name}", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    yield
-    seconds[name] = round(time.perf_counter() - start, 2)
+def _own_peak_rss() -> int:
+    """This process's peak resident bytes since the last reset (VmHWM; ru_maxrss where /proc lacks it)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _children_peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
+@dataclass
+class Stages:
+    """Announces each stage on stderr and records its seconds and peak memory: this process's peak in
+    the stage plus, when a child process (the builder) set a new peak in it, that child's, which bounds
+    what the stage held at once."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_bytes: dict[str, int] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, number: int, name: str) -> Iterator[None]:
+        print(f"[{number}/{STAGES}] {name}", file=sys.stderr, flush=True)
+        with suppress(OSError):  # Linux: restart VmHWM from the current RSS, so the peak is this stage's
+            Path("/proc/self/clear_refs").write_text("5")
+        children, start = _children_peak_rss(), time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        child = _children_peak_rss()
+        self.peak_rss_bytes[name] = _own_peak_rss() + (child if child > children else 0)
 
 
 def fake_quantize_tables(model: nn.Module, export: ExportOptions, blocks: QuantScheme | None = None
@@ -120,13 +148,13 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
     loading (so a build that cannot work stops in seconds) and again on the exported files. `wheels`
     adds the runtime's wheelhouse for the target (fetched in stage 1, before the long work); `tar` also
     writes `<out>.tar`; `budget_bytes` caps the weight files by mixed precision (jobs.quantize_loaded)."""
-    seconds: dict[str, float] = {}
+    stage = Stages()
     # quantize for the scales the graph holds, so codes, torch model and graph all agree on them
     config = replace(config, scheme=replace(config.scheme, scale_dtype=export.scale_dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-work-") as tmp:
         work = Path(tmp)
-        with _stage(1, "load model and held-out text" + (", download wheels" if wheels else ""), seconds):
+        with stage(1, "load model and held-out text" + (", download wheels" if wheels else "")):
             loaded = models.load(model_spec)
             estimate = checks.estimate(loaded.model, config, context, export)
             _checked(target, config, export, estimate, force)
@@ -135,10 +163,10 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             scored, window = ids[:n_eval], min(WINDOW, n_eval)
             float_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
             before = perplexity(loaded.model, scored, window)
-        with _stage(2, f"quantize ({config.method})", seconds):
+        with stage(2, f"quantize ({config.method})"):
             quantized = quantize_loaded(loaded, config, calibration, budget_bytes, export)
             config = quantized.config  # with the budget's schemes
-        with _stage(3, f"export ({export.exporter})", seconds):
+        with stage(3, f"export ({export.exporter})"):
             used = calibration if config.needs_calibration or budget_bytes else None
             ckpt = checkpoint.save(quantized, loaded.tokenizer, loaded.ref, work / "checkpoint", used)
             model_dir = _EXPORT[export.exporter](ckpt, work / "model", export)
@@ -155,15 +183,15 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             if budget_bytes and (written := weight_files_bytes(model_dir)) > budget_bytes:
                 raise ExportError(f"the weight files hold {written:,} bytes, over the budget of {budget_bytes:,}",
                                   "report this (the estimate missed); a slightly lower --budget builds")
-        with _stage(4, "parity with the quantized torch model", seconds):
+        with stage(4, "parity with the quantized torch model"):
             decoder = Decoder(model_dir)
             parity = compare(quantized.model, decoder, ids[:PARITY_TOKENS])
             if parity.argmax_agreement < MIN_AGREEMENT:
                 raise ExportError(f"the exported graph agrees with the torch model on only "
                                   f"{parity.argmax_agreement:.1%} of next tokens", "report this model and settings")
-        with _stage(5, "perplexity of the exported graph", seconds):
+        with stage(5, "perplexity of the exported graph"):
             after = perplexity(onnx_logits(decoder), scored, window)
-        with _stage(6, "bundle", seconds):
+        with stage(6, "bundle"):
             spec = decoder.spec
             footprint = checks.measure(model_dir, spec.layers, spec.kv_heads, spec.head_size,
                                        np.dtype(decoder.kv_dtype).itemsize, context)
@@ -196,8 +224,8 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             written = bundle.write(out, model_dir, sections, report(result, target, parity),
                                    work / "wheels" if wheels else None)
             packed = bundle.write_tar(out) if tar else None
-    return BuildResult(bundle=str(out), bundle_id=written.id, bundle_bytes=folder_bytes(out), seconds=seconds,
-                       tar=str(packed) if packed else None, **result)
+    return BuildResult(bundle=str(out), bundle_id=written.id, bundle_bytes=folder_bytes(out), seconds=stage.seconds,
+                       peak_rss_bytes=stage.peak_rss_bytes, tar=str(packed) if packed else None, **result)
 
 
 def report(result: dict[str, Any], target: Target, parity: Parity) -> str:

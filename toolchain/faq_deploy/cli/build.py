@@ -109,3 +109,5 @@ def build_cmd(target_name: str | None, model_spec: str | None, method: str, out:
     click.echo(f"parity     {result.parity['argmax_agreement']:.2%} next-token agreement with the torch model")
     click.echo(f"time       {sum(result.seconds.values()):.0f} s (" +
                ", ".join(f"{k.split(' ')[0]} {v:.0f} s" for k, v in result.seconds.items()) + ")")
+    click.echo(f"rss        {max(result.peak_rss_bytes.values()) / 1e9:.2f} GB at the build's peak (" +
+               ", ".join(f"{k.split(' ')[0]} {v / 1e9:.2f}" for k, v in result.peak_rss_bytes.items()) + ")")
