@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NoReturn
 
 from faq_runtime.generate import Completion, Generator, OnText, TokenLogprob
 from faq_runtime.openai_forms import ApiError, Request, TokenText, parse
@@ -106,7 +106,7 @@ class Api:
         """Wait for the device (`ticket`'s turn), giving up as soon as the client leaves, then generate
         until done or until the client leaves (ClientGone either way)."""
         if not self.queue.wait_turn(ticket, gone):
-            self._abandoned()
+            self._client_left()
         try:
             done = self.generator.complete(request.prompt_ids, request.max_tokens, request.sampling, request.stop,
                                            on_text, request.top_logprobs, gone)
@@ -119,10 +119,10 @@ class Api:
         finally:
             self.queue.leave(ticket)  # the next request may start while this answer is written
         if done.finish_reason == "cancelled":
-            self._abandoned()
+            self._client_left()
         return done
 
-    def _abandoned(self) -> None:
+    def _client_left(self) -> NoReturn:
         with self._counting:
             self.abandoned += 1
         raise ClientGone
