@@ -28,7 +28,7 @@ class TokenLogprob:
         logits = logits.astype(np.float64)
         shifted = logits - logits.max()
         logprobs = shifted - np.log(np.exp(shifted).sum())
-        best = np.argpartition(-logprobs, top)[:top] if 0 < top < logprobs.size else np.arange(logprobs.size)[:top]
+        best = np.argpartition(-logprobs, top)[:top] if top < logprobs.size else np.arange(logprobs.size)
         best = best[np.argsort(-logprobs[best], kind="stable")]
         return cls(token, float(logprobs[token]), [(int(i), float(logprobs[i])) for i in best])
 

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +22,7 @@ from faq_deploy.architectures import architecture_of
 from faq_deploy.errors import IntegrityError, ModelNotFound
 from faq_deploy.fetch import PinnedRelease, cache_dir, open_member, sha256_file, staged_dir, verify_sha256
 from faq_deploy.progress import progress
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
+from faq_deploy.registry import tomllib  # the one place that picks tomllib or its backport
 
 
 @dataclass(frozen=True)
@@ -50,7 +45,6 @@ class EmbeddedModel:
     license: str
     upstream: str   # whose weights these are, and as which file
     parts: tuple[Part, ...]
-    note: str = ""
 
 
 def _registry(text: str) -> dict[str, EmbeddedModel]:
@@ -59,7 +53,7 @@ def _registry(text: str) -> dict[str, EmbeddedModel]:
         parts = tuple(Part(PinnedRelease(*part["release"].split("==")), part["member"], part["sha256"])
                       for part in entry["parts"])
         entries[key] = EmbeddedModel(key, entry["name"], entry["gguf"], entry["sha256"], entry["license"],
-                                     entry["upstream"], parts, entry.get("note", ""))
+                                     entry["upstream"], parts)
     return entries
 
 
