@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from faq_deploy.errors import InvalidQuantConfig
-from faq_deploy.quant.quantizer import quantize_weight
+from faq_deploy.quant.quantizer import ROWS_PER_SLICE, quantize_weight
 from faq_deploy.quant.scheme import QuantScheme
 
 
@@ -95,3 +95,16 @@ def test_scheme_rejects_out_of_range(bits: int, group: int) -> None:
 def test_three_bits_travel_in_a_four_bit_container() -> None:
     assert QuantScheme(bits=3).container_bits == 4
     assert QuantScheme(bits=2).container_bits == 2
+
+
+def test_a_table_taller_than_one_slice_of_rows_matches_the_reference_and_dequantizes_in_place() -> None:
+    """Vocabulary tables are quantized a slice of rows at a time; the codes must not notice."""
+    torch.manual_seed(4)
+    w = torch.randn(ROWS_PER_SLICE + 5, 64)
+    q = quantize_weight(w, QuantScheme(bits=4, group_size=32))
+    codes, deq = reference(w.numpy(), 4, 32, symmetric=False)
+    np.testing.assert_array_equal(q.codes.numpy(), codes)
+    out = torch.full(w.shape, math.nan)
+    assert q.dequantize(out=out) is out
+    np.testing.assert_allclose(out.numpy(), deq, rtol=1e-6, atol=1e-7)
+    assert torch.equal(out, q.dequantize())

@@ -124,7 +124,7 @@ class Decoder:
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits [len, vocab] of one sequence from an empty cache, as float32."""
         logits, _ = self.forward(np.asarray([ids], np.int64), self.empty_cache())
-        return logits[0].astype(np.float32)
+        return logits[0].astype(np.float32, copy=False)
 
     def new_cache(self, capacity: int | None = None) -> Cache:
         return Cache(self, capacity or self.spec.context_length)

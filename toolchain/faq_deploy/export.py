@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from faq_deploy.errors import ExportError
 from faq_deploy.fetch import staged_dir
@@ -29,6 +30,8 @@ from faq_deploy.quant.quantizer import QuantizedWeight
 from faq_deploy.quant.scheme import QuantScheme
 
 MODEL_FILE = "model.onnx"
+_INLINE_BYTES = 1024  # smaller tensors stay in model.onnx, as onnx's own external-data save keeps them
+_COPY_BYTES = 64 << 20
 # The builder would re-quantize the (tied) embedding and lm_head with its own 4-bit RTN; measured on
 # the default model (RTN w4 g32 blocks, 4,096 eval tokens) that costs 9% perplexity (23.32 → 25.46),
 # so they stay float: 96 MB more for SmolLM2-135M, and parity with the torch model stays exact.
@@ -127,10 +130,11 @@ def export_builder(checkpoint: Path, out: Path, options: ExportOptions) -> Path:
 @contextmanager
 def edited_graph(folder: Path) -> Iterator[onnx.ModelProto]:
     """The model in `folder`, loaded for edits in place and saved back when the block ends without error,
-    so a build's passes over the graph share one load and one save."""
-    model = onnx.load(str(folder / MODEL_FILE))
+    so a build's passes over the graph share one load and one save. Its weights stay in the data file
+    until read (`numpy_helper.to_array(tensor, base_dir=str(folder))`): the passes read a few scales and
+    codes, while the float tables they replace are 1.1 GB on Qwen2.5's vocabulary."""
+    model = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
     yield model
-    (folder / f"{MODEL_FILE}.data").unlink()
     save_graph(model, folder)
 
 
@@ -141,13 +145,16 @@ def quantize_tables(graph: onnx.GraphProto, head: QuantizedWeight | None, embedd
     (our codes; None keeps that one float). A tied pair quantized alike is stored once: the lookup
     reads the head's codes, scales and zero points (the onnxruntime-genai builder's shared_embeddings
     form), which saves a whole table, 32.7 MB of the default model's 8-bit bundle."""
-    _untie(graph)
-    if head is not None:
+    transpose = _tied_transpose(graph)
+    if head is not None:  # a tied float lookup keeps the float weight through its Transpose
         node = _find(graph, LM_HEAD_NODE, "MatMul", "--lm-head float")
         replace_node(graph, node, head, "MatMulNBits", "lm_head", [node.input[0]],
                      dict(K=head.shape[1], N=head.shape[0]))
     if embedding is not None:
         node = _find(graph, EMBEDDING_NODE, "Gather", "--embedding float")
+        if transpose is not None:  # the float table goes with the last node that reads it
+            node.input[0] = transpose.input[0]
+            graph.node.remove(transpose)
         shared = _head_initializers(graph) if head is not None and _same_table(head, embedding) else None
         replace_node(graph, node, embedding, "GatherBlockQuantized", "model.embed_tokens", [node.input[1]],
                      dict(gather_axis=0, quantize_axis=1), shared)
@@ -170,11 +177,12 @@ def _head_initializers(graph: onnx.GraphProto) -> list[str]:
     return [flat, *node.input[2:4]]
 
 
-def store_scales_in_float16(graph: onnx.GraphProto) -> int:
+def store_scales_in_float16(graph: onnx.GraphProto, base_dir: str = "") -> int:
     """Store every float32 scales tensor of a MatMulNBits or GatherBlockQuantized node whose values are
     all exact in float16 (the build quantizes for float16 scales) as float16 behind a Cast to float32.
     onnxruntime folds the Cast when the session starts, so the kernels see the same float32 scales; the
-    files shrink by half the scales (6.7 MB on the default model at w4 g32). Returns the bytes saved."""
+    files shrink by half the scales (6.7 MB on the default model at w4 g32). `base_dir`: where tensors
+    still in a data file are read from (edited_graph's folder). Returns the bytes saved."""
     init = {t.name: t for t in graph.initializer}
     names = {n.input[2] for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
     saved = 0
@@ -182,7 +190,7 @@ def store_scales_in_float16(graph: onnx.GraphProto) -> int:
         tensor = init.get(name)
         if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT:
             continue
-        values = numpy_helper.to_array(tensor)
+        values = numpy_helper.to_array(tensor, base_dir)
         half = values.astype(np.float16)
         if not np.array_equal(half.astype(np.float32), values):
             continue
@@ -216,22 +224,42 @@ def weight_files_bytes(folder: Path) -> int:
 
 
 def save_graph(model: onnx.ModelProto, folder: Path) -> None:
-    """model.onnx with its weights in model.onnx.data (which must not exist: onnx appends to it)."""
-    onnx.save_model(model, str(folder / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{MODEL_FILE}.data", size_threshold=1024)
+    """model.onnx with its weights in model.onnx.data: tensors held in memory are written there, and
+    those still in the folder's data file are copied across from it a slice at a time."""
+    data = folder / f"{MODEL_FILE}.data"
+    fresh = folder / f"{MODEL_FILE}.data.new"
+    with open(fresh, "wb") as out, ExitStack() as stack:
+        old = stack.enter_context(open(data, "rb")) if data.exists() else None
+        for tensor in model.graph.initializer:
+            offset = out.tell()
+            if uses_external_data(tensor):
+                info = ExternalDataInfo(tensor)
+                if old is None or info.location != data.name or info.length is None:
+                    raise ExportError(f"{tensor.name} is stored in {info.location} without a length, or not in "
+                                      f"{data.name}", "report this exporter's output")
+                old.seek(info.offset or 0)
+                for start in range(0, info.length, _COPY_BYTES):
+                    out.write(old.read(min(_COPY_BYTES, info.length - start)))
+            elif len(tensor.raw_data) >= _INLINE_BYTES:
+                out.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            else:
+                continue
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data.name), ("offset", offset), ("length", out.tell() - offset)):
+                tensor.external_data.add(key=key, value=str(value))
+    fresh.replace(data)
+    onnx.save_model(model, str(folder / MODEL_FILE))
 
 
-def _untie(graph: onnx.GraphProto) -> None:
-    """The builder reads a tied embedding through a Transpose of the head's weight: give that Gather
-    its own float table (the transposed copy onnxruntime made at load anyway), so either can change."""
-    init = {t.name: t for t in graph.initializer}
+def _tied_transpose(graph: onnx.GraphProto) -> onnx.NodeProto | None:
+    """The Transpose of the head's weight through which the builder's embedding Gather reads a tied
+    table, if that is how this graph reads it."""
     head = _find(graph, LM_HEAD_NODE, "MatMul", "report this model's architecture")
-    for node in [n for n in graph.node if n.op_type == "Transpose" and n.input[0] == head.input[1]]:
-        table = numpy_helper.to_array(init[head.input[1]]).T
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table), "model.embed_tokens.weight"))
-        for consumer in graph.node:
-            consumer.input[:] = ["model.embed_tokens.weight" if i == node.output[0] else i for i in consumer.input]
-        graph.node.remove(node)
+    gather = next((n for n in graph.node if n.name == EMBEDDING_NODE and n.op_type == "Gather"), None)
+    return next((n for n in graph.node if n.op_type == "Transpose" and n.input[0] == head.input[1]
+                 and gather is not None and gather.input[0] == n.output[0]), None)
 
 
 def _find(graph: onnx.GraphProto, name: str, op_type: str, hint: str) -> onnx.NodeProto:
@@ -279,7 +307,7 @@ def _node_modules(node_name: str) -> list[str] | None:
 def check_codes(folder: Path, weights: dict[str, QuantizedWeight]) -> int:
     """Compare every MatMulNBits initializer with our packing of the same modules, byte for byte.
     Returns the number of modules checked; raises ExportError on the first difference."""
-    model = onnx.load(str(folder / MODEL_FILE))
+    model = onnx.load(str(folder / MODEL_FILE), load_external_data=False)  # each tensor read when checked
     init = {t.name: t for t in model.graph.initializer}
     checked: set[str] = set()
     for node in model.graph.node:
@@ -297,7 +325,7 @@ def check_codes(folder: Path, weights: dict[str, QuantizedWeight]) -> int:
         actual = {"B": inputs[1], "scales": inputs[2], "zero_points": inputs[3]}
         for field, name in actual.items():
             want = getattr(expected, "b" if field == "B" else field)
-            got = numpy_helper.to_array(init[name]) if name in init else None
+            got = numpy_helper.to_array(init[name], base_dir=str(folder)) if name in init else None
             if got is None or got.size != want.size or not np.array_equal(got.reshape(want.shape), want):
                 raise ExportError(f"{node.name}: {field} differs from the checkpoint's codes for "
                                   f"{', '.join(modules)}", "report this: the exporter changed the weights")

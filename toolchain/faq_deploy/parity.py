@@ -19,9 +19,16 @@ class Parity:
 
 
 @torch.inference_mode()
-def compare(model: PreTrainedModel, decoder: Decoder, ids: torch.Tensor) -> Parity:
-    """Logits of both on the same tokens (one sequence from an empty cache)."""
-    expected = model(ids[None].to(model.device)).logits[0].float().cpu()
+def reference_logits(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+    """The torch model's logits [tokens, vocabulary] of one sequence from an empty cache, float32 on the CPU."""
+    return model(ids[None].to(model.device)).logits[0].float().cpu()
+
+
+@torch.inference_mode()
+def compare(reference: PreTrainedModel | torch.Tensor, decoder: Decoder, ids: torch.Tensor) -> Parity:
+    """Logits of both on the same tokens (one sequence from an empty cache). `reference` is the torch
+    model or its `reference_logits`, taken first so that the model can go before the graph is loaded."""
+    expected = reference if isinstance(reference, torch.Tensor) else reference_logits(reference, ids)
     actual = torch.from_numpy(decoder.logits(ids.tolist()))
     # reduced a slice of rows at a time: a whole difference table would be another [tokens, vocabulary]
     # float32 copy (0.6 GB at 1,024 tokens of a 150k vocabulary), and its abs() one more

@@ -28,8 +28,9 @@ _TYPES = {(4, True): TensorProto.INT4, (4, False): TensorProto.UINT4,
           (8, True): TensorProto.INT8, (8, False): TensorProto.UINT8}
 
 
-def to_qdq(model: onnx.ModelProto) -> int:
-    """Replace every MatMulNBits node of `model` by DequantizeLinear → MatMul; the number replaced."""
+def to_qdq(model: onnx.ModelProto, base_dir: str = "") -> int:
+    """Replace every MatMulNBits node of `model` by DequantizeLinear → MatMul; the number replaced.
+    `base_dir`: where tensors still in a data file are read from (edited_graph's folder)."""
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
@@ -40,7 +41,7 @@ def to_qdq(model: onnx.ModelProto) -> int:
     for node in nodes:
         at = list(graph.node).index(node)
         graph.node.remove(node)
-        for new in reversed(_dequantize_matmul(node, init, graph)):
+        for new in reversed(_dequantize_matmul(node, init, graph, base_dir)):
             graph.node.insert(at, new)
     used = {name for n in graph.node for name in n.input}
     for tensor in [t for t in graph.initializer if t.name not in used]:
@@ -58,14 +59,15 @@ def set_session_level(folder: Path, level: int) -> None:
     path.write_text(json.dumps(config, indent=4))
 
 
-def _dequantize_matmul(node: onnx.NodeProto, init: dict[str, TensorProto],
-                       graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+def _dequantize_matmul(node: onnx.NodeProto, init: dict[str, TensorProto], graph: onnx.GraphProto,
+                       base_dir: str) -> list[onnx.NodeProto]:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
     if bits not in (4, 8) or len(node.input) < 4 or any(node.input[4:]):
         raise ExportError(f"{node.name}: only 4- and 8-bit MatMulNBits with zero points and no g_idx or bias "
                           "have a DequantizeLinear form", "build with --bits 3, 4 or 8")
-    array = {role: numpy_helper.to_array(init[name]) for role, name in zip("bsz", node.input[1:4], strict=True)}
+    array = {role: numpy_helper.to_array(init[name], base_dir)
+             for role, name in zip("bsz", node.input[1:4], strict=True)}
     blocks = -(-k // block)
     # The builder stores zero points flat: every array is shaped by the node's attributes.
     codes = unpack(array["b"].reshape(n, blocks, -1), bits, block).reshape(n, -1)[:, :k].T  # [K, N]: MatMul's B

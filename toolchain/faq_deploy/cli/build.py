@@ -71,9 +71,9 @@ def build_cmd(target_name: str | None, model_spec: str | None, method: str, out:
     estimate right after loading, so a build that cannot work stops in seconds.
 
     Stages: load → calibrate and quantize → export with the onnxruntime-genai builder or torch.onnx
-    (our integer codes are read back and compared) → parity with the quantized torch model → perplexity of the
-    exported graph → bundle (model/, manifest.json, REPORT.md). Nothing is written at --out unless
-    every stage passes.
+    (our integer codes are read back and compared) → embedding and lm_head tables, accuracy levels,
+    float16 scales → parity with the quantized torch model → perplexity of the exported graph → bundle
+    (model/, manifest.json, REPORT.md). Nothing is written at --out unless every stage passes.
 
     \b
     Examples:

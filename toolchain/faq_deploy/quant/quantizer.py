@@ -16,6 +16,8 @@ from torch import nn
 from faq_deploy.quant.scheme import QuantScheme
 
 _MIN_SCALE = 1e-5  # a constant (e.g. all-zero) group would otherwise divide by zero
+# Rows quantized at once: each float temporary of a 151,936-row table would otherwise be 0.5 GB
+ROWS_PER_SLICE = 8192
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,18 @@ class QuantizedWeight:
     def cpu(self) -> QuantizedWeight:
         return replace(self, codes=self.codes.cpu(), scales=self.scales.cpu(), zeros=self.zeros.cpu())
 
-    def dequantize(self) -> torch.Tensor:
-        """(q − z) · scale, float32 [N, K]."""
+    def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(q − z) · scale, float32 [N, K]; written into `out` (float32 [N, K]) when given, in place and
+        without temporaries when K is a whole number of groups."""
         n, k = self.codes.shape
         blocks = self.scales.shape[1]
-        codes = F.pad(self.codes.float(), (0, blocks * self.scheme.group_size - k)).view(n, blocks, -1)
-        return ((codes - self.zeros.float()[..., None]) * self.scales[..., None]).view(n, -1)[:, :k]
+        if k % self.scheme.group_size:  # a partial last group: through a padded copy
+            codes = F.pad(self.codes.float(), (0, blocks * self.scheme.group_size - k)).view(n, blocks, -1)
+            values = ((codes - self.zeros.float()[..., None]) * self.scales[..., None]).view(n, -1)[:, :k]
+            return values if out is None else out.copy_(values)
+        values = self.codes.float() if out is None else out.copy_(self.codes)
+        values.view(n, blocks, -1).sub_(self.zeros[..., None]).mul_(self.scales[..., None])
+        return values
 
 
 def grouped(weight: torch.Tensor, group: int) -> torch.Tensor:
@@ -59,6 +67,10 @@ def _stored(scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
 
 
 def quantize_weight(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
+    if len(weight) > ROWS_PER_SLICE:  # a vocabulary table: rows are independent, so slices bound the temporaries
+        parts = [quantize_weight(rows, scheme) for rows in weight.split(ROWS_PER_SLICE)]
+        return QuantizedWeight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scales", "zeros")),
+                               scheme=scheme)
     n, k = weight.shape
     w = grouped(weight.detach().float(), scheme.group_size)
     if scheme.symmetric:
