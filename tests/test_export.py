@@ -23,6 +23,7 @@ from faq_deploy.data import eval_tokens, load_corpus
 from faq_deploy.dynamo import export_dynamo
 from faq_deploy.errors import BundleInvalid, ExportError
 from faq_deploy.export import (
+    TABLE_KINDS,
     ExportOptions,
     check_codes,
     edited_graph,
@@ -403,3 +404,14 @@ def test_float_activations_keep_the_named_nodes_at_level_0(default_model, tmp_pa
     assert {name for name, level in levels.items() if level == 0} == {"/lm_head/MatMulNBits"}
     levels, diff = run("8bit")
     assert set(levels.values()) == {0} and diff <= 1e-4
+
+
+def test_an_auto_embedding_is_stored_as_the_tied_head_is_and_as_int4_when_untied() -> None:
+    untied = tiny_model("Qwen2ForCausalLM")
+    assert untied.get_input_embeddings().weight is not untied.get_output_embeddings().weight
+    tied = tiny_model("Qwen2ForCausalLM")
+    tied.get_output_embeddings().weight = tied.get_input_embeddings().weight
+    for head in TABLE_KINDS:
+        assert ExportOptions(lm_head=head, embedding="auto").for_model(untied).embedding == "int4"
+        assert ExportOptions(lm_head=head, embedding="auto").for_model(tied).embedding == head
+    assert ExportOptions(embedding="float").for_model(untied).embedding == "float"  # a choice is kept

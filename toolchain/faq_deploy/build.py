@@ -188,6 +188,7 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
         work = Path(tmp)
         with stage(1, "load model and held-out text" + (", download wheels" if wheels else "")):
             loaded = models.load(model_spec)
+            export = export.for_model(loaded.model)
             estimate = checks.estimate(loaded.model, config, context, export)
             _checked(target, config, export, estimate, force)
             wheel_line = wheelhouse.download(target, work / "wheels") if wheels else None
