@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from faq_deploy.quant.scheme import QuantScheme
 
 MODEL_FILE = "model.onnx"
 _INLINE_BYTES = 1024  # smaller tensors stay in model.onnx, as onnx's own external-data save keeps them
-_COPY_BYTES = 64 << 20
+_COPY_BYTES = 64 << 20  # the old data file is copied across a slice at a time
 # The builder would re-quantize the (tied) embedding and lm_head with its own 4-bit RTN; measured on
 # the default model (RTN w4 g32 blocks, 4,096 eval tokens) that costs 9% perplexity (23.32 → 25.46),
 # so they stay float: 96 MB more for SmolLM2-135M, and parity with the torch model stays exact.
@@ -244,7 +245,9 @@ def save_graph(model: onnx.ModelProto, folder: Path) -> None:
     fresh = folder / f"{MODEL_FILE}.data.new"
     with open(fresh, "wb") as out, ExitStack() as stack:
         old = stack.enter_context(open(data, "rb")) if data.exists() else None
-        for tensor in model.graph.initializer:
+        # an attribute's tensor stays where it is unless it was in the old file (onnx's save keeps them inline)
+        attributes = ((a.t, False) for node in model.graph.node for a in node.attribute if a.HasField("t"))
+        for tensor, movable in chain(((t, True) for t in model.graph.initializer), attributes):
             offset = out.tell()
             if uses_external_data(tensor):
                 info = ExternalDataInfo(tensor)
@@ -254,7 +257,7 @@ def save_graph(model: onnx.ModelProto, folder: Path) -> None:
                 old.seek(info.offset or 0)
                 for start in range(0, info.length, _COPY_BYTES):
                     out.write(old.read(min(_COPY_BYTES, info.length - start)))
-            elif len(tensor.raw_data) >= _INLINE_BYTES:
+            elif movable and len(tensor.raw_data) >= _INLINE_BYTES:
                 out.write(tensor.raw_data)
                 tensor.ClearField("raw_data")
             else:
