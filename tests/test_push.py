@@ -201,7 +201,7 @@ def test_a_link_that_dies_under_the_lock_reports_the_failure_not_an_error_from_c
     """paramiko raises EOFError when a channel is closed on a socket that is gone before its reader
     thread noticed: releasing the lock must not put that in place of the failure being reported."""
     with connect(sshconfig.resolve(box.alias, sshconfig.load(box.config))) as connection:
-        device = Device(connection, str(box.root))
+        device = Device.connect(connection, str(box.root))
         with pytest.raises(ConnectionFailed), device.locked("test", 1.0, lambda holder: None):
             connection.transport.sock.shutdown(socket.SHUT_WR)
             device.op("state")
@@ -213,7 +213,7 @@ def test_a_link_found_dead_after_an_upload_failed_keeps_that_failure(box: Box) -
     upload's "link lost at …, re-run to resume" (seen once in CI). Made deterministic: with sshd's
     MaxSessions taken, the question's channel is refused while the transport is still active."""
     with connect(sshconfig.resolve(box.alias, sshconfig.load(box.config))) as connection:
-        device = Device(connection, str(box.root))
+        device = Device.connect(connection, str(box.root))
         held = [connection.open_channel() for _ in range(MAX_SESSIONS)]
         with pytest.raises(ConnectionFailed, match="cannot open a channel"):
             connection.open_channel()

@@ -81,7 +81,7 @@ def push(bundle: Bundle, host: HostConfig, options: PushOptions, say: Say = lamb
     started = time.monotonic()
     report = PushReport(str(host.alias), bundle.id, bundle_bytes=_bundle_bytes(bundle))
     with connect(host) as connection:
-        device = Device(connection, options.root, options.python, options.stall)
+        device = Device.connect(connection, options.root, options.python, options.stall)
         with device.locked(owner(), options.lock_wait, lambda holder: say(f"waiting for the lock ({holder})")):
             try:
                 _deploy(bundle, device, options, report, say, on_bytes)
@@ -267,27 +267,27 @@ def _mb(n: int) -> str:
 
 def status(host: HostConfig, options: PushOptions) -> dict[str, Any]:
     with connect(host) as connection:
-        device = Device(connection, options.root, options.python, options.stall)
+        device = Device.connect(connection, options.root, options.python, options.stall)
         return {"host": host.alias, "root": device.root, **device.op("state")}
 
 
 def rollback(host: HostConfig, options: PushOptions, say: Say = lambda s: None) -> dict[str, Any]:
     with connect(host) as connection:
-        device = Device(connection, options.root, options.python, options.stall)
+        device = Device.connect(connection, options.root, options.python, options.stall)
         with device.locked(owner(), options.lock_wait, lambda holder: say(f"waiting for the lock ({holder})")):
             return device.op("rollback", "--reason", f"asked by {owner()}")
 
 
 def gc(host: HostConfig, options: PushOptions, say: Say = lambda s: None) -> dict[str, Any]:
     with connect(host) as connection:
-        device = Device(connection, options.root, options.python, options.stall)
+        device = Device.connect(connection, options.root, options.python, options.stall)
         with device.locked(owner(), options.lock_wait, lambda holder: say(f"waiting for the lock ({holder})")):
             return device.op("gc")
 
 
 def logs(host: HostConfig, options: PushOptions, lines: int) -> str:
     with connect(host) as connection:
-        return Device(connection, options.root, options.python, options.stall).text("logs", "-n", str(lines))
+        return Device.connect(connection, options.root, options.python, options.stall).text("logs", "-n", str(lines))
 
 
 def trust(host: HostConfig, confirm: Callable[[str], bool], expected: str | None = None) -> str:

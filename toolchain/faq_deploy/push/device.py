@@ -27,11 +27,18 @@ _ABSPATH = ("import os,sys; p=os.path.abspath(os.path.expanduser(sys.argv[1])); 
 
 
 class Device:
-    def __init__(self, connection: Connection, root: str = DEFAULT_ROOT, python: str = "python3",
-                 timeout: float = 30.0) -> None:
+    """A device root whose tools are installed; `Device.connect` makes one."""
+
+    def __init__(self, connection: Connection, root: str, python: str, timeout: float) -> None:
         self.connection = connection
+        self.root = root  # absolute, as the device resolved it
         self.python = python
         self.timeout = timeout
+
+    @classmethod
+    def connect(cls, connection: Connection, root: str = DEFAULT_ROOT, python: str = "python3",
+                timeout: float = 30.0) -> Device:
+        """Resolve `root` on the device (creating it) and send the agent and probe scripts there."""
         done = connection.run([python, "-c", _ABSPATH, root], timeout=timeout)
         if done.code == 127:
             raise TransferFailed(f"{connection.host}: `{python}` is not installed on the device",
@@ -39,19 +46,20 @@ class Device:
         if done.code != 0:
             raise TransferFailed(f"{connection.host}: cannot create the device root {root}: {done.err.strip()[-300:]}",
                                  "pick a writable --root")
-        self.root = done.out.strip()
+        device = cls(connection, done.out.strip(), python, timeout)
         sftp = connection.sftp(timeout)
         try:
             for module in (agent, probe):
                 # written aside, then renamed over: another push's python may be starting the old copy
-                part = f"{self.tool(module)}.{uuid.uuid4().hex[:8]}.part"
+                part = f"{device.tool(module)}.{uuid.uuid4().hex[:8]}.part"
                 with Path(module.__file__).open("rb") as source:
                     sftp.putfo(source, part)
-                sftp.posix_rename(part, self.tool(module))
+                sftp.posix_rename(part, device.tool(module))
         except (OSError, paramiko.SSHException) as exc:
-            raise ConnectionFailed(f"{connection.host}: cannot write to {self.root} ({exc})", "re-run") from None
+            raise ConnectionFailed(f"{connection.host}: cannot write to {device.root} ({exc})", "re-run") from None
         finally:
             close_quietly(sftp)
+        return device
 
     def tool(self, module: Any) -> str:
         return posixpath.join(self.root, TOOLS, os.path.basename(module.__file__))
