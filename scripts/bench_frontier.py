@@ -36,7 +36,7 @@ from pathlib import Path
 from bench_quality import ResultLog
 from bench_runtime import DECODE, MEASURES, Worker
 
-from faq_deploy.export import weight_files_bytes
+from faq_deploy.export.graph import weight_files_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 FAQ_DEPLOY = [sys.executable, "-m", "faq_deploy"]

@@ -25,10 +25,13 @@ from pathlib import Path
 import torch
 
 from faq_deploy import checkpoint, models
-from faq_deploy.build import PARITY_TOKENS, fake_quantize_tables
+from faq_deploy.build import PARITY_TOKENS
 from faq_deploy.data import eval_tokens, load_corpus
-from faq_deploy.export import ExportOptions, edited_graph, export_builder, quantize_tables, set_accuracy_levels
-from faq_deploy.parity import compare, onnx_logits
+from faq_deploy.export.builder import export_builder
+from faq_deploy.export.graph import edited_graph, set_accuracy_levels
+from faq_deploy.export.options import ExportOptions
+from faq_deploy.export.parity import compare, onnx_logits
+from faq_deploy.export.tables import fake_quantize_tables, quantize_tables
 from faq_deploy.perplexity import WINDOW, perplexity
 from faq_deploy.quant import make_config, quantize
 from faq_deploy.quant.scheme import QuantScheme

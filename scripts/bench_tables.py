@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from faq_deploy import models
-from faq_deploy.build import fake_quantize_tables
 from faq_deploy.data import eval_tokens, load_corpus
-from faq_deploy.export import TABLE_KINDS, TABLE_SCHEMES, ExportOptions
+from faq_deploy.export.options import TABLE_KINDS, TABLE_SCHEMES, ExportOptions
+from faq_deploy.export.tables import fake_quantize_tables
 from faq_deploy.models import DEFAULT_MODEL, EMBEDDED
 from faq_deploy.perplexity import perplexity
 from faq_deploy.quant import compute_device, make_config, quantize

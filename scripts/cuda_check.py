@@ -30,9 +30,10 @@ def reference(bundle: Path, out: Path) -> None:
     import torch
 
     from faq_deploy import models
-    from faq_deploy.build import EVAL_TEXT, fake_quantize_tables
+    from faq_deploy.build import EVAL_TEXT
     from faq_deploy.data import eval_tokens, load_corpus
-    from faq_deploy.export import ExportOptions
+    from faq_deploy.export.options import ExportOptions
+    from faq_deploy.export.tables import fake_quantize_tables
     from faq_deploy.quant import make_config, quantize
     from faq_deploy.quant.scheme import QuantScheme
 

@@ -20,7 +20,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from faq_deploy.fetch import PinnedRelease, cache_dir, staged_dir
+from faq_deploy.fetch import PinnedRelease, cache_dir
+from faq_runtime.files import staged_dir
 
 RELEASE = PinnedRelease("llama-cpp-python", "0.3.36", sdist=True)
 TOOLS = ("llama-quantize", "llama-imatrix")

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from commands import FAQ_DEPLOY, TINY_FAQ
 from sshd import Sshd
 
 from faq_deploy import data, models
 from faq_deploy.fetch import cache_dir
 
-FAQ_DEPLOY = [sys.executable, "-m", "faq_deploy"]
+
+# Fixtures that build a real bundle (minutes on 2 cores, once per session) or serve one: a test that
+# uses one is heavy, wherever it lives. Tests heavy for other reasons carry the mark themselves.
+BUILDS = {"x86_bundle", "jetson_bundle", "built", "bundles", "exports"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if BUILDS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.heavy)
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +72,17 @@ def x86_bundle(real_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
                            "--wheelhouse", "--tar", "--out", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def jetson_bundle(real_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """`faq-deploy build --target jetson` as the README's first command runs it (FAQ, the builder), at a
+    tiny calibration budget and the board's full 8k context, with its --json result."""
+    out = tmp_path_factory.mktemp("bundles") / "jetson"
+    done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetson", *TINY_FAQ, "--eval-tokens", "1024",
+                           "--context", "8192", "--out", str(out), "--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out, json.loads(done.stdout)
 
 
 @pytest.fixture(scope="session")

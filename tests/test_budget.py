@@ -15,7 +15,7 @@ from genai import genai_greedy
 
 from faq_deploy import models
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
-from faq_deploy.export import weight_files_bytes
+from faq_deploy.export.graph import weight_files_bytes
 from faq_deploy.perplexity import perplexity
 from faq_deploy.quant import budget, make_config, quantize
 from faq_deploy.quant.budget import Choice

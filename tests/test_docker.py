@@ -46,7 +46,6 @@ def test_the_host_image_copies_files_of_the_repository_and_runs_faq_deploy() -> 
     assert any("torch==2.13.0" in a and "whl/cpu" in a for k, a in steps if k == "RUN")
 
 
-@pytest.mark.heavy
 @pytest.mark.parametrize("name", ["runtime-arm64.Dockerfile", "runtime-jetson.Dockerfile"])
 def test_device_images_install_from_a_bundle_wheelhouse_and_serve(name: str, x86_bundle: Path) -> None:
     steps = instructions(DOCKER / name)

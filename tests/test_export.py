@@ -6,68 +6,69 @@ import copy
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from commands import FAQ_DEPLOY, FAQ_RUN, TINY_FAQ
 from genai import genai_greedy, genai_logits
 from onnx import TensorProto
 from tiny_models import TINY, tiny_calibration, tiny_model
 
 from faq_deploy import bundle, checkpoint, models
-from faq_deploy.build import MIN_AGREEMENT, fake_quantize_tables
+from faq_deploy.build import MIN_AGREEMENT
 from faq_deploy.data import eval_tokens, load_corpus
-from faq_deploy.dynamo import export_dynamo
 from faq_deploy.errors import BundleInvalid, ExportError
-from faq_deploy.export import (
-    TABLE_KINDS,
-    ExportOptions,
-    check_codes,
-    edited_graph,
-    export_builder,
-    quantize_tables,
-    set_accuracy_levels,
-)
-from faq_deploy.parity import compare, onnx_logits
+from faq_deploy.export import export
+from faq_deploy.export.codes import check_codes
+from faq_deploy.export.dynamo import export_dynamo
+from faq_deploy.export.graph import edited_graph, set_accuracy_levels
+from faq_deploy.export.options import EXPORTERS, TABLE_KINDS, ExportOptions
+from faq_deploy.export.parity import compare, onnx_logits
+from faq_deploy.export.qdq import QDQ_ACCURACY_LEVEL, set_session_level, to_qdq
+from faq_deploy.export.tables import fake_quantize_tables, quantize_tables
 from faq_deploy.perplexity import perplexity
-from faq_deploy.qdq import QDQ_ACCURACY_LEVEL, set_session_level, to_qdq
-from faq_deploy.quant import make_config, quantize
+from faq_deploy.quant import QuantizedModel, make_config, quantize
 from faq_deploy.quant.packing import MatMulNBitsWeights, from_matmulnbits
 from faq_deploy.quant.scheme import QuantScheme
 from faq_runtime.bundle import MANIFEST
 from faq_runtime.load import LoadOptions, load
 from faq_runtime.model import Decoder
 
-pytestmark = pytest.mark.heavy
-FAQ_DEPLOY = [sys.executable, "-m", "faq_deploy"]
-FAQ_RUN = [sys.executable, "-m", "faq_runtime.cli"]
+BOTH = pytest.mark.parametrize("exporter", EXPORTERS)
+EVERY_WIDTH = pytest.mark.parametrize("bits, exporter", [(b, e) for b in (4, 3) for e in EXPORTERS])
 
 
-@pytest.fixture(scope="module", params=[4, 3], ids=["w4", "w3"])
-def quantized(request: pytest.FixtureRequest, real_cache: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The default model quantized (RTN, group 32) and its olive checkpoint."""
-    loaded = models.load(None)
-    result = quantize(loaded.model, make_config("rtn", QuantScheme(request.param, 32)))
-    folder = checkpoint.save(result, loaded.tokenizer, loaded.ref, tmp_path_factory.mktemp("ckpt") / "c")
-    return loaded, result, folder
+class Exports:
+    """The default model quantized by RTN (group 32) at each width, with its checkpoint, and each one's
+    level-0 export (float activations: the graph that must match torch exactly) by each exporter, made
+    on first use and shared by the module's tests."""
 
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._quantized: dict[int, tuple[models.LoadedModel, QuantizedModel, Path]] = {}
+        self._level0: dict[tuple[int, str], Path] = {}
 
-EXPORT = {"builder": export_builder, "dynamo": export_dynamo}
+    def quantized(self, bits: int) -> tuple[models.LoadedModel, QuantizedModel, Path]:
+        if bits not in self._quantized:
+            loaded = models.load(None)
+            result = quantize(loaded.model, make_config("rtn", QuantScheme(bits, 32)))
+            folder = checkpoint.save(result, loaded.tokenizer, loaded.ref, self.folder / f"w{bits}" / "checkpoint")
+            self._quantized[bits] = loaded, result, folder
+        return self._quantized[bits]
 
-
-@pytest.fixture(scope="module", params=list(EXPORT))
-def exporter(request: pytest.FixtureRequest) -> str:
-    return request.param
+    def level0(self, bits: int, exporter: str) -> Path:
+        if (bits, exporter) not in self._level0:
+            self._level0[bits, exporter] = export(self.quantized(bits)[2], self.folder / f"w{bits}" / exporter,
+                                                  ExportOptions(exporter=exporter, accuracy_level=0))
+        return self._level0[bits, exporter]
 
 
 @pytest.fixture(scope="module")
-def level0(quantized, exporter: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The checkpoint exported with float activations: the graph that must match torch exactly."""
-    return EXPORT[exporter](quantized[2], tmp_path_factory.mktemp("onnx") / "model",
-                            ExportOptions(exporter=exporter, accuracy_level=0))
+def exports(real_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Exports:
+    return Exports(tmp_path_factory.mktemp("exports"))
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +76,25 @@ def eval_ids(real_cache: Path) -> torch.Tensor:
     return eval_tokens(models.load(None).tokenizer.backend_tokenizer, load_corpus("speeches-eval"), 2048)
 
 
-def test_level_0_export_carries_our_codes_and_matches_torch(quantized, level0: Path, eval_ids) -> None:
-    loaded, result, _ = quantized
+@EVERY_WIDTH
+def test_level_0_export_carries_our_codes_and_matches_torch(exports: Exports, bits: int, exporter: str,
+                                                           eval_ids) -> None:
+    loaded, result, _ = exports.quantized(bits)
+    level0 = exports.level0(bits, exporter)
     assert check_codes(level0, result.weights) == 210
     parity = compare(loaded.model, Decoder(level0), eval_ids[:1000])
     assert parity.max_rel_diff <= 1e-4 and parity.argmax_agreement == 1.0, parity
 
 
-def test_level_4_export_keeps_perplexity_within_one_percent(quantized, exporter: str, eval_ids,
-                                                            tmp_path: Path) -> None:
-    loaded, result, folder = quantized
-    model_dir = EXPORT[exporter](folder, tmp_path / "model", ExportOptions(exporter=exporter, accuracy_level=4))
+@EVERY_WIDTH
+def test_level_4_keeps_perplexity_within_one_percent(exports: Exports, bits: int, exporter: str, eval_ids,
+                                                     tmp_path: Path) -> None:
+    """A build sets every node's level on the exported graph (faq_deploy.export.finish), so the level-4
+    graph here is the level-0 export with its levels set the same way."""
+    loaded, result, _ = exports.quantized(bits)
+    model_dir = shutil.copytree(exports.level0(bits, exporter), tmp_path / "model")
+    with edited_graph(model_dir) as edited:
+        assert set_accuracy_levels(edited.graph, ExportOptions(accuracy_level=4)) == 0
     assert check_codes(model_dir, result.weights) == 210
     decoder = Decoder(model_dir)
     # int8 activations: 94.7-97% of next tokens agree on this model (see faq_deploy.build.MIN_AGREEMENT);
@@ -95,9 +104,10 @@ def test_level_4_export_keeps_perplexity_within_one_percent(quantized, exporter:
     assert abs(perplexity(onnx_logits(decoder), eval_ids).perplexity / expected - 1) < 0.01
 
 
-def test_a_changed_code_is_caught(quantized, level0: Path) -> None:
-    _, result, _ = quantized
-    model_dir = level0
+@BOTH
+def test_a_changed_code_is_caught(exports: Exports, exporter: str) -> None:
+    _, result, _ = exports.quantized(4)
+    model_dir = exports.level0(4, exporter)
     weights = dict(result.weights)
     name = "model.layers.7.mlp.up_proj"
     codes = weights[name].codes.clone()
@@ -118,14 +128,15 @@ def _stored(graph: onnx.GraphProto, name: str) -> np.ndarray:
     return onnx.numpy_helper.to_array(next(t for t in graph.initializer if t.name == name)).copy()
 
 
+@BOTH
 @pytest.mark.parametrize("lm_head, embedding",
                          [("int4", "int8"), ("float", "int4"), ("int8", "int8"), ("int8", "float")])
-def test_quantized_tables_carry_our_codes_and_match_torch(quantized, level0: Path, eval_ids, tmp_path: Path,
+def test_quantized_tables_carry_our_codes_and_match_torch(exports: Exports, exporter: str, eval_ids, tmp_path: Path,
                                                           lm_head: str, embedding: str) -> None:
-    loaded, _, _ = quantized
+    loaded, _, _ = exports.quantized(4)
     model = copy.deepcopy(loaded.model)
     head, table = fake_quantize_tables(model, ExportOptions(lm_head=lm_head, embedding=embedding))
-    folder = shutil.copytree(level0, tmp_path / "model")
+    folder = shutil.copytree(exports.level0(4, exporter), tmp_path / "model")
     with edited_graph(folder) as edited:
         quantize_tables(edited.graph, head, table)
     graph = onnx.load(str(folder / "model.onnx"))
@@ -153,9 +164,10 @@ def test_quantized_tables_carry_our_codes_and_match_torch(quantized, level0: Pat
     assert parity.max_rel_diff <= 1e-4 and parity.argmax_agreement == 1.0, parity
 
 
-def test_cached_decoding_equals_one_full_pass(level0: Path, eval_ids) -> None:
+@BOTH
+def test_cached_decoding_equals_one_full_pass(exports: Exports, exporter: str, eval_ids) -> None:
     """Prefill then token-by-token with the KV cache gives the logits of one full forward."""
-    decoder = Decoder(level0)
+    decoder = Decoder(exports.level0(4, exporter))
     ids = eval_ids[:48].numpy()[None]
     full = decoder.logits(ids[0].tolist())
     logits, cache = decoder.forward(ids[:, :32], decoder.empty_cache())
@@ -166,8 +178,10 @@ def test_cached_decoding_equals_one_full_pass(level0: Path, eval_ids) -> None:
     assert np.abs(np.concatenate(steps) - full).max() <= 1e-4 * np.abs(full).max()
 
 
-def test_the_qdq_rewrite_of_each_export_computes_what_its_matmulnbits_graph_computes(level0: Path, eval_ids,
-                                                                                   tmp_path: Path) -> None:
+@BOTH
+def test_the_qdq_rewrite_of_each_export_computes_what_its_matmulnbits_graph_computes(exports: Exports, exporter: str,
+                                                                                   eval_ids, tmp_path: Path) -> None:
+    level0 = exports.level0(4, exporter)
     folder = shutil.copytree(level0, tmp_path / "model")
     nodes = sum(n.op_type == "MatMulNBits" for n in onnx.load(str(folder / "model.onnx")).graph.node)
     with edited_graph(folder) as edited:
@@ -181,6 +195,7 @@ def test_the_qdq_rewrite_of_each_export_computes_what_its_matmulnbits_graph_comp
     assert np.abs(actual - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
+@pytest.mark.heavy
 def test_a_tensorrt_bundle_carries_signed_qdq_weights_that_both_runtimes_run(real_cache: Path,
                                                                              tmp_path: Path) -> None:
     """`--weights qdq --symmetric`: every quantized weight, the int8 lm_head too, as DequantizeLinear of
@@ -212,6 +227,7 @@ def test_a_tensorrt_bundle_carries_signed_qdq_weights_that_both_runtimes_run(rea
     assert len(set(ours)) > 4 and ours == genai_greedy(out / "model", ids, 16)
 
 
+@pytest.mark.heavy
 def test_a_cuda_bundle_is_a_float16_graph_of_our_codes(real_cache: Path, tmp_path: Path) -> None:
     """`--provider cuda`: the builder's float16 graph for onnxruntime's CUDA provider, with our codes and
     float16 scales (the build compares them; at 3 bits few float32 scales would survive float16) and int8
@@ -246,16 +262,16 @@ def test_a_cuda_bundle_is_a_float16_graph_of_our_codes(real_cache: Path, tmp_pat
     assert len(set(tokens)) > 4 and tokens == list(generator.tokens(ids, 16))
 
 
-@pytest.fixture(scope="module", params=list(EXPORT))
-def built(request: pytest.FixtureRequest, real_cache: Path, tmp_path_factory: pytest.TempPathFactory
-          ) -> tuple[Path, dict]:
-    """`faq-deploy build --target jetson` end to end with each exporter (FAQ at a tiny calibration budget;
-    the dynamo build keeps its lm_head at accuracy level 0)."""
+@pytest.fixture(scope="module", params=EXPORTERS)
+def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """`faq-deploy build --target jetson` end to end with each exporter: the session's builder bundle, and
+    the same build by torch.onnx (which keeps its lm_head at accuracy level 0)."""
+    if request.param == "builder":
+        return request.getfixturevalue("jetson_bundle")
     out = tmp_path_factory.mktemp("bundles") / "jetson"
-    extra = ["--float-activations", "lm_head"] if request.param == "dynamo" else []
-    done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetson", "--exporter", request.param, "--samples", "2",
-                           "--seq-len", "128", "--search-rows", "1", "--eval-tokens", "1024", "--out", str(out),
-                           "--json", *extra], capture_output=True, text=True)
+    done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetson", "--exporter", "dynamo", *TINY_FAQ,
+                           "--eval-tokens", "1024", "--float-activations", "lm_head", "--out", str(out), "--json"],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return out, json.loads(done.stdout)
 
@@ -268,7 +284,7 @@ def test_build_writes_a_verified_bundle(built: tuple[Path, dict]) -> None:
     assert all(100e6 < peak < 16e9 for peak in result["peak_rss_bytes"].values())
     assert manifest["quantization"]["method"] == "faq" and manifest["quantization"]["modules"] == 210
     assert manifest["quantization"]["calibration"]["samples"] == 2
-    assert manifest["export"]["accuracy_level"] == 4 and manifest["export"]["exporter"] in EXPORT
+    assert manifest["export"]["accuracy_level"] == 4 and manifest["export"]["exporter"] in EXPORTERS
     assert manifest["export"]["lm_head"] == manifest["export"]["embedding"] == "int8"
     graph = onnx.load(str(out / "model" / "model.onnx"), load_external_data=False)
     head = next(n for n in graph.graph.node if n.output[0] == "logits")
@@ -315,8 +331,9 @@ def test_the_runtime_generates_from_the_bundle(built: tuple[Path, dict]) -> None
     (lambda b: _edit_manifest(b, lambda m: m.pop("target")), "'target' is missing"),
     (lambda b: _edit_manifest(b, lambda m: m.update(schema_version="1")), "must be int"),
 ])
-def test_verify_refuses_a_damaged_bundle(built: tuple[Path, dict], tmp_path: Path, damage, message: str) -> None:
-    copy = shutil.copytree(built[0], tmp_path / "b")
+def test_verify_refuses_a_damaged_bundle(jetson_bundle: tuple[Path, dict], tmp_path: Path, damage,
+                                         message: str) -> None:
+    copy = shutil.copytree(jetson_bundle[0], tmp_path / "b")
     damage(copy)
     with pytest.raises(BundleInvalid, match=message):
         bundle.verify(copy)
@@ -343,6 +360,7 @@ def test_unknown_target_suggests_the_closest(real_cache: Path) -> None:
 
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("architecture", list(TINY))
 def test_dynamo_exports_each_registered_layout(architecture: str, default_model, tmp_path: Path) -> None:
     """The fallback on tiny LLaMA, Mistral, Qwen2 (q/k/v bias: MatMulNBits then Add) and Qwen3 (q/k
@@ -361,6 +379,7 @@ def test_dynamo_exports_each_registered_layout(architecture: str, default_model,
     assert np.abs(np.stack(stepped) - full[31:]).max() <= 1e-4 * np.abs(full).max()
 
 
+@pytest.mark.heavy
 def test_dynamo_writes_a_float16_graph_for_cuda(default_model, tmp_path: Path) -> None:
     """`--exporter dynamo --provider cuda`: the model traced in float16 (ops, cache, logits), our codes with
     float16 scales, CUDA provider options for onnxruntime-genai; onnxruntime's CPU provider runs it here."""
@@ -378,6 +397,7 @@ def test_dynamo_writes_a_float16_graph_for_cuda(default_model, tmp_path: Path) -
     assert parity.max_rel_diff <= 5e-3 and parity.argmax_agreement == 1.0, parity  # float16: 7e-4 measured
 
 
+@pytest.mark.heavy
 def test_float_activations_keep_the_named_nodes_at_level_0(default_model, tmp_path: Path) -> None:
     """In a level-4 graph of 8-bit blocks with an int8 lm_head, `lm_head` sets only the head to level 0
     and `8bit` every node, which makes the graph exact again (level 4 quantizes activations to int8)."""

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from faq_deploy import data, models
 from faq_deploy.cli import cli
 from faq_deploy.errors import IntegrityError, RegistryUnreachable
-from faq_deploy.fetch import PinnedRelease, sha256_file
+from faq_deploy.fetch import PinnedRelease
+from faq_runtime.files import sha256_file
 
 GGUF = models.DEFAULT_MODEL.gguf_name
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from faq_deploy.export import store_scales_in_float16
+from faq_deploy.export.graph import store_scales_in_float16
 from faq_deploy.quant.packing import MatMulNBitsWeights, from_matmulnbits, pack, to_matmulnbits, unpack
 from faq_deploy.quant.quantizer import quantize_weight
 from faq_deploy.quant.scheme import QuantScheme

@@ -29,7 +29,6 @@ from faq_deploy.push.connection import connect
 from faq_deploy.push.device import Device
 from faq_runtime.bundle import MANIFEST
 
-pytestmark = pytest.mark.heavy
 BOARDS = Path(__file__).parent / "fixtures" / "boards"
 RUNTIME = str(Path(sys.executable).parent / "faq-run")  # the device is this machine: its faq-run
 

@@ -10,7 +10,7 @@ from onnx import TensorProto, numpy_helper
 from test_packing import matmulnbits_model, run_model
 
 from faq_deploy.errors import ExportError
-from faq_deploy.qdq import QDQ_ACCURACY_LEVEL, to_qdq
+from faq_deploy.export.qdq import QDQ_ACCURACY_LEVEL, to_qdq
 from faq_deploy.quant.packing import to_matmulnbits
 from faq_deploy.quant.quantizer import quantize_weight
 from faq_deploy.quant.scheme import QuantScheme

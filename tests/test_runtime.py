@@ -17,7 +17,6 @@ from faq_runtime.load import LoadOptions, load
 from faq_runtime.sampling import Sampling
 from faq_runtime.template import ChatTemplate
 
-pytestmark = pytest.mark.heavy
 FAQ_RUN = [sys.executable, "-m", "faq_runtime.cli"]
 BOARDS = Path(__file__).parent / "fixtures" / "boards"
 PROMPT = "The Congress shall have power to"

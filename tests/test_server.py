@@ -32,7 +32,6 @@ from faq_runtime.generate import Generator
 from faq_runtime.load import LoadOptions, load
 from faq_runtime.server import Api, make_server
 
-pytestmark = pytest.mark.heavy
 FAQ_RUN = [sys.executable, "-m", "faq_runtime.cli"]
 PROMPT = "The Congress shall have power to"
 QUESTION = "What is the capital of France?"

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from faq_deploy import checks, detect, models, registry
+from faq_deploy.build import BuildResult, summary
 from faq_deploy.errors import TargetError
-from faq_deploy.export import ExportOptions, weight_files_bytes
+from faq_deploy.export.graph import weight_files_bytes
+from faq_deploy.export.options import ExportOptions
 from faq_deploy.quant import make_config
 from faq_deploy.quant.scheme import QuantScheme
 from faq_runtime import agent, compat, probe
@@ -271,16 +273,16 @@ def test_providers_weights_and_exporters_each_board_takes(tmp_path: Path) -> Non
     orin = (SHIPPED / "jetson-orin-nano-8gb.toml").read_text().replace('["jetson", "orin-nano"]', "[]")
     (tmp_path / "trt.toml").write_text(orin.replace("jetson-orin-nano-8gb", "trt")
                                        .replace('providers = ["CPU"]', 'providers = ["TensorRT", "CPU"]'))
-    (tmp_path / "fp16.toml").write_text(orin.replace("jetson-orin-nano-8gb", "fp16")
-                                        .replace('"float32"', '"float16"'))
     targets = registry.load([tmp_path])
     fits = _footprint(0.2, 0.1)
     trt = checks.assess(targets.resolve("trt"), QuantScheme(4, 32), fits).problems
+    # what a build leaves open comes from the board: TensorRT first → QDQ weights; a choice is kept
+    assert ExportOptions.for_target(targets.resolve("trt")).weights == "qdq"
+    assert ExportOptions.for_target(targets.resolve("trt"), weights="matmulnbits", accuracy_level=0) == ExportOptions(
+        weights="matmulnbits", accuracy_level=0, embedding="auto")
     assert "TensorRT runs no MatMulNBits" in trt[0].cause and "--weights qdq --symmetric" in trt[0].fix
     assert checks.assess(targets.resolve("trt"), QuantScheme(4, 32, symmetric=True), fits,
                          ExportOptions(weights="qdq")).problems == ()
-    fp16 = checks.assess(targets.resolve("fp16"), QuantScheme(4, 32), fits).problems
-    assert "float16 activations are for GPU graphs" in fp16[0].cause
     shipped = registry.load()
     assert checks.assess(shipped.resolve("jetson"), QuantScheme(4, 32), fits, ExportOptions(provider="cuda")
                          ).problems == ()
@@ -292,20 +294,9 @@ def test_providers_weights_and_exporters_each_board_takes(tmp_path: Path) -> Non
 
 # --- a real bundle against real and recorded devices ----------------------------------------------
 
-@pytest.fixture(scope="module")
-def jetson_bundle(real_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """An RTN bundle for the Orin Nano at the model's full 8k context (0.9 GB with the runtime)."""
-    out = tmp_path_factory.mktemp("bundles") / "jetson-rtn"
-    done = faq_deploy("build", "--target", "jetson", "--method", "rtn", "--eval-tokens", "256",
-                      "--context", "8192", "--out", str(out))
-    assert done.returncode == 0, done.stderr[-2000:]
-    return out, done.stdout
-
-
-@pytest.mark.heavy
-def test_build_summary_shows_fit_and_speed_ceiling(jetson_bundle: tuple[Path, str], real_cache: Path) -> None:
-    out, summary = jetson_bundle
-    lines = {line.split()[0]: line for line in summary.splitlines()}
+def test_build_summary_shows_fit_and_speed_ceiling(jetson_bundle: tuple[Path, dict], real_cache: Path) -> None:
+    out, result = jetson_bundle
+    lines = {line.split()[0]: line for line in summary(BuildResult(**result), registry.load().resolve("jetson"))}
     assert "fits 8 GB jetson-orin-nano-8gb" in lines["fit"] and "at 8192 tokens" in lines["fit"]
     assert "MB + KV cache" in lines["fit"] and "memory" not in lines  # one line says what the fit sums
     assert "tokens/s decode at full context (68 GB/s" in lines["ceiling"]
@@ -316,14 +307,13 @@ def test_build_summary_shows_fit_and_speed_ceiling(jetson_bundle: tuple[Path, st
     per_token = memory["weights_bytes"] + memory["kv_cache_bytes"]
     assert memory["decode_ceiling_tokens_s"] == round(68e9 / per_token, 1)
     assert "| fit |" in (out / "REPORT.md").read_text()
-    config = make_config("rtn", QuantScheme(4, 32, scale_dtype="float16"))  # the build's: float16 scales
+    config = make_config("faq", QuantScheme(4, 32, scale_dtype="float16"))  # the build's: float16 scales
     predicted = checks.estimate(models.load(None).model, config, 8192)
     assert predicted.kv_cache_bytes == memory["kv_cache_bytes"]
     # an upper bound of the weight files (the folder also holds the tokenizer), within 1%
     assert 0.99 < weight_files_bytes(out / "model") / predicted.weights_bytes <= 1
 
 
-@pytest.mark.heavy
 @pytest.mark.parametrize("board, reasons", [
     ("x86-host", ["architecture: needs aarch64, device has x86_64"]),
     ("raspberry-pi-4", ["ISA tier: needs armv8.2_2", "lacks asimddp, asimdhp", "JetPack line: needs L4T R36, "
@@ -332,7 +322,7 @@ def test_build_summary_shows_fit_and_speed_ceiling(jetson_bundle: tuple[Path, st
     ("jetson-nano-jp4", ["Python: needs >= 3.10, device has 3.6.9", "L4T R32.7.4"]),
     ("raspberry-pi-5", ["JetPack line"]),
 ])
-def test_a_bundle_is_incompatible_with_other_boards_for_stated_reasons(jetson_bundle: tuple[Path, str], board: str,
+def test_a_bundle_is_incompatible_with_other_boards_for_stated_reasons(jetson_bundle: tuple[Path, dict], board: str,
                                                                         reasons: list[str]) -> None:
     done = faq_deploy("targets", "check", str(jetson_bundle[0]), "--root", str(BOARDS / board))
     assert done.returncode == 10
@@ -341,8 +331,7 @@ def test_a_bundle_is_incompatible_with_other_boards_for_stated_reasons(jetson_bu
     assert "jetson-orin-nano-8gb" in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.mark.heavy
-def test_a_bundle_fits_its_board_and_not_a_smaller_one(jetson_bundle: tuple[Path, str], tmp_path: Path) -> None:
+def test_a_bundle_fits_its_board_and_not_a_smaller_one(jetson_bundle: tuple[Path, dict], tmp_path: Path) -> None:
     ok = faq_deploy("targets", "check", str(jetson_bundle[0]), "--root", str(BOARDS / "orin-nano-jp6"), "--json")
     assert ok.returncode == 0 and json.loads(ok.stdout)["compatible"] is True
     small = shutil.copytree(BOARDS / "orin-nano-jp6", tmp_path / "small")  # the same board with 0.8 GB of RAM

@@ -19,7 +19,6 @@ from faq_deploy import registry, wheelhouse
 from faq_runtime import compat
 from faq_runtime.bundle import MANIFEST
 
-pytestmark = pytest.mark.heavy
 BOARDS = Path(__file__).parent / "fixtures" / "boards"
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from faq_runtime.files import sha256_file
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_DIR = "model"
@@ -40,14 +42,6 @@ class BundleError(Exception):
         super().__init__(cause)
         self.cause = cause
         self.hint = hint
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_record(root: Path, path: Path) -> dict[str, Any]:

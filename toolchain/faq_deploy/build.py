@@ -18,32 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import nn
+import torch
 
 from faq_deploy import bundle, checkpoint, checks, models, wheelhouse
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
-from faq_deploy.dynamo import export_dynamo
 from faq_deploy.errors import ExportError
-from faq_deploy.export import (
-    TABLE_SCHEMES,
-    ExportOptions,
-    check_codes,
-    edited_graph,
-    export_builder,
-    quantize_tables,
-    set_accuracy_levels,
-    store_scales_in_float16,
-    weight_files_bytes,
-)
-from faq_deploy.fetch import folder_bytes
+from faq_deploy.export import export, finish
+from faq_deploy.export.codes import check_codes
+from faq_deploy.export.graph import weight_files_bytes
+from faq_deploy.export.options import ExportOptions
+from faq_deploy.export.parity import Parity, compare, onnx_logits, reference_logits
 from faq_deploy.jobs import quantize_loaded
-from faq_deploy.parity import Parity, compare, onnx_logits, reference_logits
+from faq_deploy.models import LoadedModel
 from faq_deploy.perplexity import WINDOW, perplexity
-from faq_deploy.qdq import set_session_level, to_qdq
 from faq_deploy.quant import describe
-from faq_deploy.quant.quantizer import QuantizedWeight, quantize_weight
-from faq_deploy.quant.scheme import MethodConfig, QuantScheme
+from faq_deploy.quant.scheme import MethodConfig
 from faq_deploy.registry import Target
+from faq_runtime.files import folder_bytes
 from faq_runtime.fit import GIB
 from faq_runtime.model import Decoder
 
@@ -55,7 +46,6 @@ STAGES = 7
 # a dozen tokens decide it (one build read 93%).
 MIN_AGREEMENT = 0.93
 PARITY_TOKENS = 1024
-_EXPORT = {"builder": export_builder, "dynamo": export_dynamo}
 
 
 @dataclass(frozen=True)
@@ -130,41 +120,6 @@ class Stages:
         self.peak_rss_bytes[name] = _own_peak_rss() + (child if child > children else 0)
 
 
-def fake_quantize_tables(model: nn.Module, export: ExportOptions, blocks: QuantScheme | None = None
-                         ) -> tuple[QuantizedWeight | None, ...]:
-    """Give the lm_head and the embedding each the table the export stores, as it stores it, so the
-    parity check compares like with like (a tied pair is untied on the way): (head, embedding) codes,
-    None where that one stays float. Symmetry and scale precision follow the `blocks`' scheme
-    (TensorRT's QDQ form takes no zero points; a float16 graph holds float16 scales); None: the default
-    scheme's."""
-    blocks = blocks or QuantScheme()
-    codes: list[QuantizedWeight | None] = []
-    tables = (model.get_output_embeddings(), export.lm_head), (model.get_input_embeddings(), export.embedding)
-    for module, kind in tables:
-        if kind not in TABLE_SCHEMES:
-            codes.append(None)
-            continue
-        scheme = replace(TABLE_SCHEMES[kind], symmetric=blocks.symmetric, scale_dtype=blocks.scale_dtype)
-        codes.append(quantize_weight(module.weight.detach(), scheme))
-        # a new Parameter, not a copy into the old one: a tied partner keeps its own values, and an
-        # untied table is not cloned first (544 MB for Qwen2.5's head)
-        module.weight = nn.Parameter(codes[-1].dequantize().to(module.weight.dtype), requires_grad=False)
-    return tuple(codes)
-
-
-def _edit_graph(model_dir: Path, model: nn.Module, export: ExportOptions, blocks: QuantScheme) -> None:
-    """Our passes over the exported graph, in one load and one save: the tables (`model`'s too, for
-    parity), accuracy levels, the QDQ form, float16 scales. The loaded graph goes when this returns."""
-    with edited_graph(model_dir) as onnx_model:
-        if TABLE_SCHEMES.keys() & {export.lm_head, export.embedding}:
-            quantize_tables(onnx_model.graph, *fake_quantize_tables(model, export, blocks))
-        set_accuracy_levels(onnx_model.graph, export)
-        if export.weights == "qdq":
-            to_qdq(onnx_model, str(model_dir))
-            set_session_level(model_dir, export.accuracy_level)
-        store_scales_in_float16(onnx_model.graph, str(model_dir))
-
-
 def _checked(target: Target, config: MethodConfig, export: ExportOptions, footprint: checks.Footprint,
              force: bool) -> checks.Assessment:
     assessment = checks.assess(target, config.scheme, footprint, export)
@@ -173,8 +128,30 @@ def _checked(target: Target, config: MethodConfig, export: ExportOptions, footpr
     return assessment
 
 
+def _load(model_spec: str | None, config: MethodConfig, target: Target, options: ExportOptions, context: int,
+          force: bool) -> tuple[LoadedModel, ExportOptions]:
+    """The model, with the export options it decides, once the target's checks pass on an estimate."""
+    loaded = models.load(model_spec)
+    options = options.for_model(loaded.model)
+    _checked(target, config, options, checks.estimate(loaded.model, config, context, options), force)
+    return loaded, options
+
+
+def _checked_parity(expected: torch.Tensor, decoder: Decoder, ids: torch.Tensor) -> Parity:
+    parity = compare(expected, decoder, ids)
+    if parity.argmax_agreement < MIN_AGREEMENT:
+        raise ExportError(f"the exported graph agrees with the torch model on only {parity.argmax_agreement:.1%} "
+                          "of next tokens", "report this model and settings")
+    return parity
+
+
+def default_out(model_spec: str | None, target: Target) -> Path:
+    """build/<model>-<target>: where a build goes when no --out is given."""
+    return Path("build") / f"{(model_spec or 'smollm2').split('/')[-1].lower()}-{target.name}"
+
+
 def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibration, target: Target, out: Path,
-              export: ExportOptions, n_eval: int, context: int, *, force: bool = False, wheels: bool = False,
+              options: ExportOptions, n_eval: int, context: int, *, force: bool = False, wheels: bool = False,
               tar: bool = False, budget_bytes: int | None = None) -> BuildResult:
     """Build a bundle of `model_spec` for `target`. The target's checks run on an estimate right after
     loading (so a build that cannot work stops in seconds) and again on the exported files. `wheels`
@@ -182,22 +159,19 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
     writes `<out>.tar`; `budget_bytes` caps the weight files by mixed precision (jobs.quantize_loaded)."""
     stage = Stages()
     # quantize for the scales the graph holds, so codes, torch model and graph all agree on them
-    config = replace(config, scheme=replace(config.scheme, scale_dtype=export.scale_dtype))
+    config = replace(config, scheme=replace(config.scheme, scale_dtype=options.scale_dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-work-") as tmp:
         work = Path(tmp)
         with stage(1, "load model and held-out text" + (", download wheels" if wheels else "")):
-            loaded = models.load(model_spec)
-            export = export.for_model(loaded.model)
-            estimate = checks.estimate(loaded.model, config, context, export)
-            _checked(target, config, export, estimate, force)
+            loaded, options = _load(model_spec, config, target, options, context, force)
             wheel_line = wheelhouse.download(target, work / "wheels") if wheels else None
             ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(EVAL_TEXT), max(n_eval, PARITY_TOKENS))
             scored, window = ids[:n_eval], min(WINDOW, n_eval)
             float_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
             before = perplexity(loaded.model, scored, window)
         with stage(2, f"quantize ({config.method})"):
-            quantized = quantize_loaded(loaded, config, calibration, budget_bytes, export)
+            quantized = quantize_loaded(loaded, config, calibration, budget_bytes, options)
             config = quantized.config  # with the budget's schemes
             used = calibration if config.needs_calibration or budget_bytes else None
             ckpt = checkpoint.save(quantized, loaded.tokenizer, loaded.ref, work / "checkpoint", used)
@@ -206,13 +180,13 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             # the next stage starts) and comes back from the checkpoint, the same values, for the edits
             # and parity. On Qwen2.5-Coder-0.5B the build's peak went from 12.7 to 5.5 GB.
             del loaded, quantized
-        with stage(3, f"export ({export.exporter})"):
-            model_dir = _EXPORT[export.exporter](ckpt, work / "model", export)
+        with stage(3, f"export ({options.exporter})"):
+            model_dir = export(ckpt, work / "model", options)
             modules = check_codes(model_dir, weights)
             del weights
         with stage(4, "edit tables, accuracy levels and scales"):
             model = checkpoint.load(ckpt).model
-            _edit_graph(model_dir, model, export, config.scheme)
+            finish(model_dir, model, options, config.scheme)
             if budget_bytes and (written := weight_files_bytes(model_dir)) > budget_bytes:
                 raise ExportError(f"the weight files hold {written:,} bytes, over the budget of {budget_bytes:,}",
                                   "report this (the estimate missed); a slightly lower --budget builds")
@@ -220,17 +194,14 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             expected = reference_logits(model, ids[:PARITY_TOKENS])
             del model  # before the graph loads: the two at once were the build's peak (7.1 GB on Qwen2.5-0.5B)
             decoder = Decoder(model_dir)
-            parity = compare(expected, decoder, ids[:PARITY_TOKENS])
-            if parity.argmax_agreement < MIN_AGREEMENT:
-                raise ExportError(f"the exported graph agrees with the torch model on only "
-                                  f"{parity.argmax_agreement:.1%} of next tokens", "report this model and settings")
+            parity = _checked_parity(expected, decoder, ids[:PARITY_TOKENS])
         with stage(6, "perplexity of the exported graph"):
             after = perplexity(onnx_logits(decoder), scored, window)
         with stage(7, "bundle"):
             spec = decoder.spec
             footprint = checks.measure(model_dir, spec.layers, spec.kv_heads, spec.head_size,
                                        np.dtype(decoder.kv_dtype).itemsize, context)
-            fit = _checked(target, config, export, footprint, force)
+            fit = _checked(target, config, options, footprint, force)
             result = dict(
                 target=target.name, model=source.name, method=config.method, bits=config.scheme.bits,
                 group=config.scheme.group_size, float_bytes=float_bytes, weights_bytes=footprint.weights_bytes,
@@ -245,9 +216,9 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
                            "license": source.license, "upstream": source.upstream},
                 "quantization": {**describe(config), "calibration": asdict(used) if used else None,
                                  "modules": modules, "budget_bytes": budget_bytes},
-                "export": asdict(export),
+                "export": asdict(options),
                 "target": {"name": target.name, "description": target.description,
-                           "compatibility": checks.requirements(target, footprint, export, wheel_line)},
+                           "compatibility": checks.requirements(target, footprint, options, wheel_line)},
                 "memory": {"weights_bytes": footprint.weights_bytes, "kv_cache_bytes": footprint.kv_cache_bytes,
                            "overhead_bytes": footprint.overhead_bytes, "total_bytes": footprint.total_bytes,
                            "context": context, "fits_gb": list(fit.fits_gb),
@@ -261,6 +232,26 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             packed = bundle.write_tar(out) if tar else None
     return BuildResult(bundle=str(out), bundle_id=written.id, bundle_bytes=folder_bytes(out), seconds=stage.seconds,
                        peak_rss_bytes=stage.peak_rss_bytes, tar=str(packed) if packed else None, **result)
+
+
+def summary(result: BuildResult, target: Target) -> list[str]:
+    """The build's outcome as the lines `faq-deploy build` prints."""
+    mb = 1e6
+    seconds = ", ".join(f"{k.split(' ')[0]} {v:.0f} s" for k, v in result.seconds.items())
+    peaks = ", ".join(f"{k.split(' ')[0]} {v / 1e9:.2f}" for k, v in result.peak_rss_bytes.items())
+    return [
+        f"bundle     {result.bundle}  (id {result.bundle_id})",
+        *([f"tar        {result.tar}"] if result.tar else []),
+        f"target     {result.target}",
+        f"model      {result.model}: {result.method} w{result.bits} g{result.group}",
+        f"size       {result.bundle_bytes / mb:.1f} MB (float model {result.float_bytes / mb:.1f} MB)",
+        *(f"{key:<10} {line}" for key, line in fit_lines(asdict(result), target).items()),
+        f"perplexity {result.perplexity_float:.4f} float → {result.perplexity_bundle:.4f} bundle "
+        f"({result.eval_tokens} tokens)",
+        f"parity     {result.parity['argmax_agreement']:.2%} next-token agreement with the torch model",
+        f"time       {sum(result.seconds.values()):.0f} s ({seconds})",
+        f"rss        {max(result.peak_rss_bytes.values()) / 1e9:.2f} GB at the build's peak ({peaks})",
+    ]
 
 
 def report(result: dict[str, Any], target: Target, parity: Parity) -> str:

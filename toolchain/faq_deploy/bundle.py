@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from faq_deploy.errors import BundleInvalid
-from faq_deploy.fetch import staged_dir
 from faq_runtime import bundle as runtime_bundle
 from faq_runtime.bundle import MANIFEST, MODEL_DIR, SCHEMA_VERSION, Bundle, BundleError, bundle_id, file_record
+from faq_runtime.files import staged_dir
 
 REPORT = "REPORT.md"
 WHEELS_DIR = "wheels"

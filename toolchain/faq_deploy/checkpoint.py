@@ -23,12 +23,12 @@ from transformers.initialization import no_init_weights
 
 from faq_deploy.data import Calibration
 from faq_deploy.errors import CheckpointError
-from faq_deploy.fetch import staged_dir
 from faq_deploy.models import ModelRef
 from faq_deploy.quant import QuantizedModel, describe
 from faq_deploy.quant.packing import MatMulNBitsWeights, from_matmulnbits, to_matmulnbits
 from faq_deploy.quant.quantizer import QuantizedWeight
 from faq_deploy.quant.scheme import QuantScheme
+from faq_runtime.files import staged_dir
 
 RECORD_FILE = "faq_quantization.json"
 WEIGHTS_FILE = "model.safetensors"

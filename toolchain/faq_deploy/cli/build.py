@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 
-from faq_deploy.build import fit_lines, run_build
+from faq_deploy.build import default_out, run_build, summary
 from faq_deploy.cli.options import emit, json_option, load_targets, model_option, targets_dir_option
 from faq_deploy.cli.quant_options import method_option, quant_options, quant_request
-from faq_deploy.export import (
+from faq_deploy.export.options import (
     EMBEDDING_KINDS,
     EXPORTERS,
     FLOAT_ACTIVATION_NODES,
@@ -92,32 +91,14 @@ def build_cmd(target_name: str | None, model_spec: str | None, method: str, out:
     """
     target = load_targets(targets_dirs).resolve(target_name)
     config, calibration, budget = quant_request(method, options, (target.build.bits, target.build.group))
-    level = target.build.accuracy_level if accuracy_level is None else accuracy_level
-    first = target.build.providers[:1]
-    provider = provider or ("cuda" if first == ("CUDA",) else "cpu")
-    weights = weights or ("qdq" if first == ("TensorRT",) else "matmulnbits")
-    export = ExportOptions(exporter=exporter or target.build.exporter, provider=provider, accuracy_level=level,
-                           lm_head=lm_head, embedding=embedding, weights=weights,
-                           float_activations=float_activations or target.build.float_activations)
-    out = out or Path("build") / f"{(model_spec or 'smollm2').split('/')[-1].lower()}-{target.name}"
+    export = ExportOptions.for_target(target, exporter=exporter, provider=provider, accuracy_level=accuracy_level,
+                                      weights=weights, float_activations=float_activations, lm_head=lm_head,
+                                      embedding=embedding)
+    out = out or default_out(model_spec, target)
     result = run_build(model_spec, config, calibration, target, out, export, eval_tokens,
                        context or target.build.context, force=force, wheels=wheelhouse, tar=tar, budget_bytes=budget)
     if as_json:
         emit(result, as_json=True)
         return
-    mb = 1e6
-    click.echo(f"bundle     {result.bundle}  (id {result.bundle_id})")
-    if result.tar:
-        click.echo(f"tar        {result.tar}")
-    click.echo(f"target     {result.target}")
-    click.echo(f"model      {result.model}: {result.method} w{result.bits} g{result.group}")
-    click.echo(f"size       {result.bundle_bytes / mb:.1f} MB (float model {result.float_bytes / mb:.1f} MB)")
-    for key, line in fit_lines(asdict(result), target).items():
-        click.echo(f"{key:<10} {line}")
-    click.echo(f"perplexity {result.perplexity_float:.4f} float → {result.perplexity_bundle:.4f} bundle "
-               f"({result.eval_tokens} tokens)")
-    click.echo(f"parity     {result.parity['argmax_agreement']:.2%} next-token agreement with the torch model")
-    click.echo(f"time       {sum(result.seconds.values()):.0f} s (" +
-               ", ".join(f"{k.split(' ')[0]} {v:.0f} s" for k, v in result.seconds.items()) + ")")
-    click.echo(f"rss        {max(result.peak_rss_bytes.values()) / 1e9:.2f} GB at the build's peak (" +
-               ", ".join(f"{k.split(' ')[0]} {v / 1e9:.2f}" for k, v in result.peak_rss_bytes.items()) + ")")
+    for line in summary(result, target):
+        click.echo(line)

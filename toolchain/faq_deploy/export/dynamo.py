@@ -24,9 +24,10 @@ from transformers.cache_utils import DynamicCache
 from faq_deploy import checkpoint
 from faq_deploy.architectures import head_size
 from faq_deploy.errors import ExportError
-from faq_deploy.export import EMBEDDING_NODE, LM_HEAD_NODE, MODEL_FILE, ExportOptions, edited_graph, replace_node
-from faq_deploy.fetch import staged_dir
+from faq_deploy.export.graph import MODEL_FILE, edited_graph, replace_node
+from faq_deploy.export.options import EMBEDDING_NODE, LM_HEAD_NODE, ExportOptions
 from faq_deploy.quant.quantizer import QuantizedWeight
+from faq_runtime.files import staged_dir
 from faq_runtime.model import GENAI_CONFIG
 
 OPSET = 23

@@ -1,0 +1,41 @@
+"""The default exporter: onnxruntime-genai's model builder, run on an olive checkpoint.
+
+It emits the fused graph (packed QKV, GroupQueryAttention, MatMulNBits over the checkpoint's codes)
+with genai_config.json and the tokenizer; `faq_deploy.export.codes` then proves the codes arrived.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from faq_deploy.errors import ExportError
+from faq_deploy.export.graph import MODEL_FILE
+from faq_deploy.export.options import EMBEDDING_NODE, LM_HEAD_NODE, ExportOptions
+from faq_runtime.files import staged_dir
+
+# The builder would re-quantize the (tied) embedding and lm_head with its own 4-bit RTN; measured on
+# the default model (RTN w4 g32 blocks, 4,096 eval tokens) that costs 9% perplexity (23.32 → 25.46),
+# so it leaves them float and `faq_deploy.export.tables` stores our codes of them instead.
+_FLOAT_NODES = f"{LM_HEAD_NODE},{EMBEDDING_NODE}"
+# Widths the builder carries from a checkpoint into MatMulNBits nodes (3-bit codes in 4-bit containers), a
+# module's own width and group too (the checkpoint's overrides: a byte budget's 8-bit Linears). 8 bits
+# checked on builder 0.18: our codes arrive byte for byte, level-0 logits equal torch's to 2e-6.
+BUILDER_BITS = (3, 4, 8)
+
+
+def export_builder(checkpoint: Path, out: Path, options: ExportOptions) -> Path:
+    """Run the builder on `checkpoint` into `out` (replaced atomically)."""
+    with staged_dir(out) as tmp:
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(tmp),
+               "-p", "int4", "-e", options.provider, "-c", str(tmp / ".cache"),
+               "--extra_options", f"accuracy_level={options.accuracy_level}", f"nodes_to_exclude={_FLOAT_NODES}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 or not (tmp / MODEL_FILE).exists():
+            last = (done.stderr.strip().splitlines() or ["no model.onnx was written"])[-1]
+            raise ExportError(f"the onnxruntime-genai builder failed: {last}",
+                              "try --exporter dynamo, or report the model's architecture")
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)
+    return out
