@@ -15,7 +15,6 @@ from sshd import Sshd
 from faq_deploy import data, models
 from faq_deploy.fetch import cache_dir
 
-
 # Fixtures that build a real bundle (minutes on 2 cores, once per session) or serve one: a test that
 # uses one is heavy, wherever it lives. Tests heavy for other reasons carry the mark themselves.
 BUILDS = {"x86_bundle", "jetson_bundle", "built", "bundles", "exports"}

@@ -6,11 +6,11 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from commands import FAQ_DEPLOY
 from genai import genai_greedy
 
 from faq_deploy import models
@@ -23,7 +23,6 @@ from faq_deploy.quant.scheme import QuantScheme
 from faq_runtime.bundle import MANIFEST
 from faq_runtime.load import LoadOptions, load
 
-FAQ_DEPLOY = [sys.executable, "-m", "faq_deploy"]
 SCHEME = QuantScheme(4, 32, scale_dtype="float16")
 
 

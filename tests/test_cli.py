@@ -48,6 +48,8 @@ def gpt2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["quantize", "--method", "awq", "--gamma", "0.5", "--out", "x"], 5, "awq does not take gamma"),
     (["quantize", "--gamma", "1.5", "--out", "x"], 5, "gamma=1.5 (0…1)"),
     (["quantize", "--calib", "no-such-text", "--out", "x"], 8, "no text at 'no-such-text'"),
+    (["build", "--target", "jetsn"], 10, "did you mean jetson"),
+    (["build", "--weights", "qdq", "--symmetric", "--float-activations", "lm_head"], 11, "per-node accuracy level"),
 ])
 def test_bad_input_has_a_message_and_exit_code(args: list[str], code: int, message: str, real_cache: Path) -> None:
     result = invoke(*args)

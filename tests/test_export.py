@@ -348,18 +348,6 @@ def _edit_manifest(root: Path, change) -> None:
     (root / MANIFEST).write_text(json.dumps(manifest))
 
 
-def test_float_activations_are_refused_for_qdq_weights(real_cache: Path) -> None:
-    done = subprocess.run([*FAQ_DEPLOY, "build", "--weights", "qdq", "--symmetric", "--float-activations", "lm_head"],
-                          capture_output=True, text=True)
-    assert done.returncode != 0 and "per-node accuracy level" in done.stderr and "Traceback" not in done.stderr
-
-
-def test_unknown_target_suggests_the_closest(real_cache: Path) -> None:
-    done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetsn"], capture_output=True, text=True)
-    assert done.returncode == 10 and "jetson" in done.stderr
-
-
-
 @pytest.mark.heavy
 @pytest.mark.parametrize("architecture", list(TINY))
 def test_dynamo_exports_each_registered_layout(architecture: str, default_model, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ def test_folder_without_config_is_refused(tmp_path: Path) -> None:
         models.resolve(str(tmp_path))
 
 
+@pytest.mark.heavy
 def test_gguf_file_is_dequantized_to_the_same_float32_model(real_cache: Path, empty_cache: Path) -> None:
     gguf = real_cache / "gguf" / models.DEFAULT_MODEL.gguf_name
     ref = models.resolve(str(gguf))

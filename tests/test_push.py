@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import FAQ_DEPLOY
+from commands import FAQ_DEPLOY
 from sshd import MAX_SESSIONS, FaultProxy, Sshd
 
 from faq_deploy import bundle

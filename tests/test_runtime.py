@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from commands import FAQ_RUN
 from genai import genai_greedy
 
 from faq_runtime.generate import Generator, TextStream
@@ -17,7 +17,6 @@ from faq_runtime.load import LoadOptions, load
 from faq_runtime.sampling import Sampling
 from faq_runtime.template import ChatTemplate
 
-FAQ_RUN = [sys.executable, "-m", "faq_runtime.cli"]
 BOARDS = Path(__file__).parent / "fixtures" / "boards"
 PROMPT = "The Congress shall have power to"
 

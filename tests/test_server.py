@@ -8,7 +8,6 @@ import json
 import select
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -24,6 +23,7 @@ import onnx
 import onnxruntime as ort
 import openai
 import pytest
+from commands import FAQ_RUN
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
@@ -32,7 +32,6 @@ from faq_runtime.generate import Generator
 from faq_runtime.load import LoadOptions, load
 from faq_runtime.server import Api, make_server
 
-FAQ_RUN = [sys.executable, "-m", "faq_runtime.cli"]
 PROMPT = "The Congress shall have power to"
 QUESTION = "What is the capital of France?"
 TIMEOUT_S = 2  # the test servers' --timeout: how long a request may take to arrive

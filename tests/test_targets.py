@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from commands import FAQ_DEPLOY
 
 from faq_deploy import checks, detect, models, registry
 from faq_deploy.build import BuildResult, summary
@@ -22,7 +23,6 @@ from faq_deploy.quant import make_config
 from faq_deploy.quant.scheme import QuantScheme
 from faq_runtime import agent, compat, probe
 
-FAQ_DEPLOY = [sys.executable, "-m", "faq_deploy"]
 BOARDS = Path(__file__).parent / "fixtures" / "boards"
 SHIPPED = Path(__file__).resolve().parents[1] / "targets"
 # Probe roots → the target each must be detected as (fixtures/boards/README.md says where they come from).

@@ -12,8 +12,7 @@ import tarfile
 import venv
 from pathlib import Path
 
-import pytest
-from conftest import FAQ_DEPLOY
+from commands import FAQ_DEPLOY
 
 from faq_deploy import registry, wheelhouse
 from faq_runtime import compat
