@@ -29,6 +29,7 @@ MB = 1e6
 def build(target: str, model: str, run: str, work: Path) -> dict:
     exporter, method, bits, *options = run.split(":")
     out = work / run.replace(":", "-")
+    out.parent.mkdir(parents=True, exist_ok=True)
     flags = [part for option in options for part in (f"--{option.split('=')[0]}", option.split("=")[1])]
     cmd = [sys.executable, "-m", "faq_deploy", "build", "--target", target, "--model", model, "--exporter", exporter,
            "--method", method, "--bits", bits, "--group", "32", *flags, "--out", str(out), "--json"]
@@ -74,9 +75,12 @@ def main() -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL.key, choices=list(EMBEDDED), help="an embedded model")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "build")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="keep each run's bundle in DIR/<run> (default: built in a temporary folder and removed)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [build(args.target, args.model, run, Path(tmp)) for _ in range(args.repeat) for run in args.runs]
+        work = args.keep or Path(tmp)
+        rows = [build(args.target, args.model, run, work) for _ in range(args.repeat) for run in args.runs]
     gguf_bytes = fetch_embedded(embedded(args.model)).stat().st_size
     command = ("python scripts/bench_build.py --runs " + " ".join(args.runs) + f" --target {args.target}"
                + (f" --model {args.model}" if args.model != DEFAULT_MODEL.key else "")

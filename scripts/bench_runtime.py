@@ -285,8 +285,9 @@ def main() -> int:
               "model": str(folder), "gguf": args.gguf.name, "bytes_per_token": per_token,
               "decode_ceiling_tokens_s": round(ceiling, 1), "runs": args.runs, "results": results,
               "decode_ratio_ours_over_genai": paired}
+    out = f" --out {args.out}" if args.out != REPO / "docs" / "results" / "runtime" else ""
     text = (f"# Runtime speed\n\n`python scripts/bench_runtime.py {args.model} --threads {args.threads} --runs "
-            f"{args.runs}` on {report['host']['processor']} ({args.threads} threads); median of {args.runs} "
+            f"{args.runs}{out}` on {report['host']['processor']} ({args.threads} threads); median of {args.runs} "
             f"interleaved repetitions after a warm-up.\n\n{table(results, ceiling)}\n\n"
             f"Decode ours / onnxruntime-genai, paired per repetition: median {paired['median']:.2f}x "
             f"(range {paired['min']:.2f}-{paired['max']:.2f}x over {len(ratios)}).\n\n"

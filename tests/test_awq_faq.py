@@ -169,6 +169,27 @@ def _scaled_stats(model, calibration: torch.Tensor, first: int, count: int, x: t
     return found
 
 
+def test_the_fp_pass_just_ahead_measures_each_block_before_it_changes() -> None:
+    """With FP propagation the statistics pass runs lazily, `window` blocks ahead of the quantizer, and
+    serves GPTQ's Hessians from the same forward: every statistic the search reads, the future ones
+    included, equals the whole pre-pass of the unquantized model."""
+    config = FaqConfig(scheme=SCHEME, gamma=0.5, window=2, rounding="gptq")
+    calibration = tiny_calibration()
+    seen = {}
+
+    def record(stats, index, group):
+        seen[index, group.name] = [stats[index, group.name].clone(), *future(config, stats, index, group)]
+        return mix(config, stats, index, group)
+
+    quantize_awq(tiny_model("LlamaForCausalLM"), config, calibration, replace(guide(config), statistic=record))
+    prepass = activation_statistics(tiny_model("LlamaForCausalLM"), calibration)
+    assert {index for index, _ in seen} == {0, 1, 2}
+    for (index, name), (own, *ahead) in seen.items():
+        assert len(ahead) == 2 - index
+        for k, a in enumerate([own, *ahead]):
+            assert torch.allclose(a, prepass[index + k, name], rtol=1e-6, atol=1e-7), (index, k, name)
+
+
 @pytest.mark.parametrize("future_stats", ["prepass", "lookahead"])
 def test_quant_propagation_sees_the_quantized_prefix(future_stats: str) -> None:
     """propagate=quant: block b's own statistic comes from the quantized blocks before it; the

@@ -21,13 +21,13 @@ from faq_deploy import bundle, checkpoint, models
 from faq_deploy.build import MIN_AGREEMENT
 from faq_deploy.data import eval_tokens, load_corpus
 from faq_deploy.errors import BundleInvalid, ExportError
-from faq_deploy.export import export
 from faq_deploy.export.codes import check_codes
 from faq_deploy.export.dynamo import export_dynamo
 from faq_deploy.export.graph import edited_graph, set_accuracy_levels
 from faq_deploy.export.options import EXPORTERS, TABLE_KINDS, ExportOptions
 from faq_deploy.export.parity import compare, onnx_logits
 from faq_deploy.export.qdq import QDQ_ACCURACY_LEVEL, set_session_level, to_qdq
+from faq_deploy.export.steps import export
 from faq_deploy.export.tables import fake_quantize_tables, quantize_tables
 from faq_deploy.perplexity import perplexity
 from faq_deploy.quant import QuantizedModel, make_config, quantize
@@ -89,7 +89,7 @@ def test_level_0_export_carries_our_codes_and_matches_torch(exports: Exports, bi
 @EVERY_WIDTH
 def test_level_4_keeps_perplexity_within_one_percent(exports: Exports, bits: int, exporter: str, eval_ids,
                                                      tmp_path: Path) -> None:
-    """A build sets every node's level on the exported graph (faq_deploy.export.finish), so the level-4
+    """A build sets every node's level on the exported graph (faq_deploy.export.steps.finish), so the level-4
     graph here is the level-0 export with its levels set the same way."""
     loaded, result, _ = exports.quantized(bits)
     model_dir = shutil.copytree(exports.level0(bits, exporter), tmp_path / "model")

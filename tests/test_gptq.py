@@ -7,12 +7,20 @@ import pytest
 import torch
 from tiny_models import TINY, tiny_calibration, tiny_model
 
-from faq_deploy.architectures import architecture_of, blocks_of
+from faq_deploy.architectures import active_groups, architecture_of, blocks_of
 from faq_deploy.data import Calibration
 from faq_deploy.errors import InvalidQuantConfig
 from faq_deploy.quant import make_config, quantize
+from faq_deploy.quant.awq import apply_scale
 from faq_deploy.quant.blocks import block_inputs, run_block
-from faq_deploy.quant.gptq import gptq_round, input_hessians, inverse_factor
+from faq_deploy.quant.gptq import (
+    gptq_round,
+    input_hessians,
+    inverse_factor,
+    inverse_factors,
+    round_linears_,
+    scaled_hessians,
+)
 from faq_deploy.quant.quantizer import quantize_weight
 from faq_deploy.quant.scheme import QuantScheme
 
@@ -54,6 +62,51 @@ def test_gptq_leaves_no_more_output_error_than_nearest_on_every_linear(architect
 def test_gptq_leaves_no_more_output_error_on_the_default_models_first_blocks(default_model, bits: int) -> None:
     rows = Calibration(samples=4, seq_len=256).rows(default_model.tokenizer.backend_tokenizer)
     assert _check_blocks(default_model.model, rows, QuantScheme(bits, 32), blocks=2) == 14
+
+
+@pytest.mark.parametrize("architecture", sorted(TINY))
+def test_hessians_after_scaling_follow_from_the_ones_before(architecture: str) -> None:
+    """AWQ-style scaling divides the inputs of a group's balance Linears by its s and changes no other
+    input, so the scaled block's inputs and Hessians are converted, not measured again."""
+    model = tiny_model(architecture)
+    arch, block = architecture_of(model), blocks_of(model)[0]
+    x, kwargs = block_inputs(model, blocks_of(model), tiny_calibration(rows=8, seq=64))
+    before, _ = input_hessians(block, x, kwargs, set(arch.linears))
+    fp = run_block(block, x, kwargs, set(arch.linears))
+    torch.manual_seed(0)
+    balanced = {}
+    for group in active_groups(arch, block):
+        s = torch.rand(block.get_submodule(group.balance[0]).in_features) + 0.5
+        apply_scale(block, group, s)
+        balanced.update(dict.fromkeys(group.balance, s))
+    after, _ = input_hessians(block, x, kwargs, set(arch.linears))
+    scaled = run_block(block, x, kwargs, set(arch.linears))
+    converted = scaled_hessians(before, balanced)
+    for name in arch.linears:
+        assert torch.allclose(converted[name], after[name], rtol=1e-4, atol=1e-6), name
+        inputs = fp.input(name) / balanced[name] if name in balanced else fp.input(name)
+        assert torch.allclose(inputs, scaled.input(name), rtol=1e-4, atol=1e-5), name
+    q, k, v = arch.linears[:3]
+    assert converted[q] is converted[k] is converted[v]  # still factored once
+
+
+def test_linears_sharing_a_factor_and_scheme_round_together_as_they_would_alone() -> None:
+    """q/k/v (and gate/up when their schemes agree) go through one column loop over stacked rows."""
+    model = tiny_model("LlamaForCausalLM")
+    arch, block = architecture_of(model), blocks_of(model)[0]
+    x, kwargs = block_inputs(model, blocks_of(model), tiny_calibration(rows=8, seq=64))
+    scheme = QuantScheme(4, 16)
+    schemes = {name: QuantScheme(8, 16) if name == "mlp.up_proj" else scheme for name in arch.linears}
+    factors = inverse_factors(input_hessians(block, x, kwargs, set(arch.linears))[0],
+                              make_config("rtn", scheme, rounding="gptq"))
+    linears = {name: block.get_submodule(name) for name in arch.linears}
+    alone = {name: gptq_round(linear.weight, factors[name], quantize_weight(linear.weight, schemes[name]))
+             for name, linear in linears.items()}
+    together = round_linears_(linears, schemes, factors)
+    assert list(together) == list(arch.linears)
+    for name, linear in linears.items():
+        assert together[name].scheme == schemes[name] and torch.equal(together[name].codes, alone[name].codes), name
+        assert torch.equal(linear.weight, together[name].dequantize()), name
 
 
 def test_act_order_rounds_on_the_same_grid() -> None:

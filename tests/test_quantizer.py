@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from faq_deploy.errors import InvalidQuantConfig
-from faq_deploy.quant.quantizer import ROWS_PER_SLICE, quantize_weight
+from faq_deploy.quant.quantizer import ROWS_PER_SLICE, fake_quantize, quantize_weight
 from faq_deploy.quant.scheme import QuantScheme
 
 
@@ -48,6 +48,7 @@ def test_codes_match_reference(bits: int, symmetric: bool, k: int) -> None:
     codes, deq = reference(w.numpy(), bits, 32, symmetric)
     np.testing.assert_array_equal(q.codes.numpy(), codes)
     np.testing.assert_allclose(q.dequantize().numpy(), deq, rtol=1e-6, atol=1e-7)
+    assert torch.equal(fake_quantize(w, scheme), q.dequantize())  # the searches' shortcut, to the bit
 
 
 def test_zero_points_follow_the_formula() -> None:

@@ -15,7 +15,7 @@ import pytest
 from commands import FAQ_DEPLOY
 
 from faq_deploy import checks, detect, models, registry
-from faq_deploy.build import BuildResult, summary
+from faq_deploy.build import BuildResult, default_out, summary
 from faq_deploy.errors import TargetError
 from faq_deploy.export.graph import weight_files_bytes
 from faq_deploy.export.options import ExportOptions
@@ -290,6 +290,14 @@ def test_providers_weights_and_exporters_each_board_takes(tmp_path: Path) -> Non
     assert "no CUDA execution provider" in no_cuda[0].cause
     assert checks.assess(shipped.resolve("pi5"), QuantScheme(8, 32), fits, ExportOptions(exporter="dynamo")
                          ).problems == ()
+
+
+def test_a_build_without_out_goes_to_build_model_target() -> None:
+    pi5 = registry.load().resolve("pi5")
+    assert default_out(None, pi5) == Path("build/smollm2-135m-instruct-raspberry-pi-5")
+    assert default_out("qwen2.5-coder-0.5b", pi5) == Path("build/qwen2.5-coder-0.5b-raspberry-pi-5")
+    assert default_out("/models/My-Model.Q4_K_M.gguf", pi5) == Path("build/my-model.q4_k_m-raspberry-pi-5")
+    assert default_out("Org/Name/", pi5) == Path("build/name-raspberry-pi-5")
 
 
 # --- a real bundle against real and recorded devices ----------------------------------------------

@@ -23,13 +23,13 @@ import torch
 from faq_deploy import bundle, checkpoint, checks, models, wheelhouse
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
 from faq_deploy.errors import ExportError
-from faq_deploy.export import export, finish
 from faq_deploy.export.codes import check_codes
 from faq_deploy.export.graph import weight_files_bytes
 from faq_deploy.export.options import ExportOptions
 from faq_deploy.export.parity import Parity, compare, onnx_logits, reference_logits
+from faq_deploy.export.steps import export, finish
 from faq_deploy.jobs import quantize_loaded
-from faq_deploy.models import LoadedModel
+from faq_deploy.models import DEFAULT_MODEL, LoadedModel
 from faq_deploy.perplexity import WINDOW, perplexity
 from faq_deploy.quant import describe
 from faq_deploy.quant.scheme import MethodConfig
@@ -147,7 +147,8 @@ def _checked_parity(expected: torch.Tensor, decoder: Decoder, ids: torch.Tensor)
 
 def default_out(model_spec: str | None, target: Target) -> Path:
     """build/<model>-<target>: where a build goes when no --out is given."""
-    return Path("build") / f"{(model_spec or 'smollm2').split('/')[-1].lower()}-{target.name}"
+    name = model_spec.rstrip("/").split("/")[-1].removesuffix(".gguf") if model_spec else DEFAULT_MODEL.key
+    return Path("build") / f"{name.lower()}-{target.name}"
 
 
 def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibration, target: Target, out: Path,

@@ -17,7 +17,7 @@ from faq_deploy.registry import Target
 # The float nodes both exporters write for the two vocabulary tables.
 LM_HEAD_NODE = "/lm_head/MatMul"
 EMBEDDING_NODE = "/model/embed_tokens/Gather"
-# The lm_head and the embedding table are each stored float or or our RTN in blocks of 32 at 8 or 4 bits:
+# The lm_head and the embedding table are each stored float or as our RTN in blocks of 32 at 8 or 4 bits:
 # the head as MatMulNBits (the largest weight a decode step reads: 113 of 184 MB on the default
 # model, float; 30 MB at 8 bits), the table as GatherBlockQuantized (only the rows of the prompt
 # are read, but the whole table is resident). onnxruntime 1.23.0, the floor, runs both at both widths.
@@ -68,7 +68,7 @@ class ExportOptions:
     @classmethod
     def for_target(cls, target: Target, *, exporter: str | None = None, provider: str | None = None,
                    accuracy_level: int | None = None, weights: str | None = None,
-                   float_activations: tuple[str, ...] = (), lm_head: str = "int8",
+                   float_activations: tuple[str, ...] = (), lm_head: str | None = None,
                    embedding: str = "auto") -> ExportOptions:
         """The options for a build for `target`, where every choice left None (or empty) is the board's:
         its exporter, accuracy level and float-activation nodes, a CUDA graph when it prefers CUDA, and
@@ -77,7 +77,7 @@ class ExportOptions:
         return cls(exporter=exporter or target.build.exporter,
                    provider=provider or ("cuda" if first == ("CUDA",) else "cpu"),
                    accuracy_level=target.build.accuracy_level if accuracy_level is None else accuracy_level,
-                   lm_head=lm_head, embedding=embedding,
+                   lm_head=lm_head or cls.lm_head, embedding=embedding,
                    weights=weights or ("qdq" if first == ("TensorRT",) else "matmulnbits"),
                    float_activations=float_activations or target.build.float_activations)
 

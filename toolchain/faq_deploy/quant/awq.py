@@ -3,10 +3,11 @@ activations, folded into the preceding op, auto-clip, then the quantizer; block 
 full-precision activations propagated from block to block.
 
 Two passes. The statistics pass runs the FP model block by block over every calibration row and
-keeps only a_{b,G} (per-channel mean |x|, kilobytes). The main pass then works on the first
-`search_rows` rows: the 20-candidate search dominates the cost and is scored there. FAQ
+keeps only a_{b,G} (per-channel mean |x|, kilobytes) and, for GPTQ rounding, the Hessians of the
+Linears' inputs; it runs lazily, a block or two ahead of the main pass. The main pass works on the
+first `search_rows` rows: the 20-candidate search dominates the cost and is scored there. FAQ
 (quant/faq.py) steers the search through a `Guide`: above all the statistic the search starts
-from, and so costs no more than AWQ: both need every block's statistics, FAQ just reads them ahead.
+from, and so costs no more than AWQ: both need the blocks' statistics, FAQ just reads them ahead.
 
 The ablation switches that are not about the future live here, because they make sense for AWQ
 too: `alpha_search=False` takes one fixed ratio instead of the search, and `propagate="quant"` feeds
@@ -27,8 +28,15 @@ from faq_deploy.architectures import Architecture, ScalingGroup, active_groups, 
 from faq_deploy.errors import InvalidQuantConfig
 from faq_deploy.progress import progress
 from faq_deploy.quant.blocks import BlockCapture, block_inputs, first_output, run_block
-from faq_deploy.quant.gptq import InverseFactor, input_hessians, inverse_factors, round_linear_
-from faq_deploy.quant.quantizer import QuantizedWeight, grouped, quantize_weight
+from faq_deploy.quant.gptq import (
+    HessianHooks,
+    InverseFactor,
+    input_hessians,
+    inverse_factors,
+    round_linears_,
+    scaled_hessians,
+)
+from faq_deploy.quant.quantizer import QuantizedWeight, fake_quantize, fake_quantize_groups, grouped
 from faq_deploy.quant.scheme import MethodConfig, QuantScheme
 
 PROPAGATE = ("fp", "quant")
@@ -82,6 +90,8 @@ class Guide:
     """What steers the scale search. AWQ's: the block's own statistic, scored at the inspected module."""
 
     statistic: StatsHook = _own_statistic
+    # How many blocks past the current one the statistic reads: they are measured before its search.
+    ahead: int = 0
     # Under quant propagation, also re-measure blocks b+1..b+lookahead from the quantized prefix
     # (pushed through the FP blocks) instead of taking their FP pre-pass statistics.
     lookahead: int = 0
@@ -155,7 +165,7 @@ def search_scale(block: nn.Module, group: ScalingGroup, a: torch.Tensor, config:
         if step not in scored:
             s = candidate_scales(a, w_bar, step / config.grid)
             for linear, w in zip(balance, originals, strict=True):
-                linear.weight.copy_(quantize_weight(w * s, scheme).dequantize() / s)
+                linear.weight.copy_(fake_quantize(w * s, scheme) / s)
             scored[step] = loss()
         return scored[step]
 
@@ -197,41 +207,36 @@ def auto_clip_(linear: nn.Linear, x: torch.Tensor, scheme: QuantScheme, tokens: 
     g = scheme.group_size
     x = x.reshape(-1, x.shape[-1]).float()
     x = x[:: max(1, len(x) // tokens)][:tokens]
-    w = linear.weight.float()
-    pad = -w.shape[1] % g  # zero-pad a partial last group: zeros add nothing to the products
-    xg = nn.functional.pad(x, (0, pad)).reshape(len(x), -1, g)  # [T, G, g]
+    n, k = linear.weight.shape
+    w = grouped(linear.weight.float(), g)  # [N, G, g]; a partial last group repeats its last value…
+    xg = nn.functional.pad(x, (0, -k % g)).reshape(len(x), -1, g)  # …which meets zero inputs here
     gram = torch.einsum("tgk,tgl->gkl", xg, xg) / len(x)  # [G, g, g]
-
-    def error(candidate: torch.Tensor) -> torch.Tensor:  # [N, G]
-        d = nn.functional.pad(candidate - w, (0, pad)).reshape(w.shape[0], -1, g)
-        return (torch.einsum("ngk,gkl->ngl", d, gram) * d).sum(dim=-1)
-
-    max_abs = grouped(w.abs(), g).amax(dim=-1)  # [N, G]
+    max_abs = w.abs().amax(dim=-1)  # [N, G]
     best_max, best_err = max_abs.clone(), torch.full_like(max_abs, float("inf"))
     for step in range(int(max_shrink * grid)):
-        limit = max_abs * (1 - step / grid)
-        err = error(quantize_weight(_clamp_groups(w, limit, g), scheme).dequantize())
+        limit = (max_abs * (1 - step / grid))[..., None]
+        d = fake_quantize_groups(torch.clamp(w, -limit, limit), scheme).sub_(w)
+        err = (torch.einsum("ngk,gkl->ngl", d, gram) * d).sum(dim=-1)  # [N, G]
         better = err < best_err
-        best_err, best_max = torch.where(better, err, best_err), torch.where(better, limit, best_max)
-    linear.weight.copy_(_clamp_groups(w, best_max, g).to(linear.weight.dtype))
+        best_err, best_max = torch.where(better, err, best_err), torch.where(better, limit[..., 0], best_max)
+    clipped = torch.clamp(w, -best_max[..., None], best_max[..., None]).reshape(n, -1)[:, :k]
+    linear.weight.copy_(clipped.to(linear.weight.dtype))
 
 
-def _clamp_groups(w: torch.Tensor, limit: torch.Tensor, group: int) -> torch.Tensor:
-    """Clamp each group of w [N, K] to ±limit [N, G]."""
-    bound = limit.repeat_interleave(group, dim=1)[:, : w.shape[1]]
-    return torch.maximum(torch.minimum(w, bound), -bound)
-
-
-def _quantize_block(block: nn.Module, prefix: str, arch: Architecture, capture: BlockCapture,
-                    config: AwqConfig, factors: dict[str, InverseFactor] | None) -> dict[str, QuantizedWeight]:
-    weights = {}
-    for name in arch.linears:
-        linear, scheme = block.get_submodule(name), config.scheme_for(f"{prefix}.{name}")
-        scaled = linear.weight.detach().clone() if factors else None  # what GPTQ rounds towards
+def _quantize_block(block: nn.Module, prefix: str, arch: Architecture, fp: BlockCapture,
+                    balanced: dict[str, torch.Tensor], config: AwqConfig,
+                    factors: dict[str, InverseFactor] | None) -> dict[str, QuantizedWeight]:
+    """Clip and round the block's Linears, scaled already; `fp` holds their inputs before the scaling,
+    `balanced` the s that divides a balance Linear's input."""
+    linears = {name: block.get_submodule(name) for name in arch.linears}
+    schemes = {name: config.scheme_for(f"{prefix}.{name}") for name in arch.linears}
+    # what GPTQ rounds towards: the scaled weights before clipping
+    targets = {name: linear.weight.detach().clone() for name, linear in linears.items()} if factors else None
+    for name, linear in linears.items():
         if config.clip and name not in arch.no_clip:
-            auto_clip_(linear, capture.input(name), scheme, config.clip_tokens)
-        weights[f"{prefix}.{name}"] = round_linear_(linear, scheme, factors and factors[name], scaled)
-    return weights
+            x = fp.input(name) / balanced[name] if name in balanced else fp.input(name)
+            auto_clip_(linear, x, schemes[name], config.clip_tokens)
+    return {f"{prefix}.{name}": w for name, w in round_linears_(linears, schemes, factors, targets).items()}
 
 
 @torch.no_grad()
@@ -250,35 +255,64 @@ def measure_statistics(stats: Statistics, arch: Architecture, blocks: nn.ModuleL
     return x
 
 
+class FullPrecisionPass:
+    """Every calibration row through the blocks as they were before quantization, one block at a time,
+    kept just ahead of the quantizer: it records a_{b,G} of each block it passes (the statistics pass)
+    and, for GPTQ, the Hessians of the block's Linear inputs. Lazily, because one forward then serves
+    both and only the Hessians of the blocks between the quantizer and the pass are held."""
+
+    @torch.no_grad()
+    def __init__(self, model: PreTrainedModel, calibration: torch.Tensor, hessians: bool = False) -> None:
+        self.arch = architecture_of(model)
+        self.blocks = model.get_submodule(self.arch.blocks)
+        self.x, self.kwargs = block_inputs(model, self.blocks, calibration)
+        self.stats: Statistics = {}
+        self.hessians: dict[int, dict[str, torch.Tensor]] = {}
+        self._with_hessians = hessians
+        self._passed = 0
+
+    @torch.no_grad()
+    def through(self, last: int) -> Statistics:
+        """Pass every block up to `last` (or the final block) not passed yet; the statistics so far.
+        The blocks passed must not have been changed yet: they are measured as the model was."""
+        while self._passed <= min(last, len(self.blocks) - 1):
+            index, block = self._passed, self.blocks[self._passed]
+            with HessianHooks(block, set(self.arch.linears) if self._with_hessians else set()) as hooks:
+                self.x = measure_statistics(self.stats, self.arch, self.blocks, index, index, self.x, self.kwargs)
+            if self._with_hessians:
+                self.hessians[index] = hooks.hessians()
+            self._passed += 1
+        return self.stats
+
+
 @torch.no_grad()
 def activation_statistics(model: PreTrainedModel, calibration: torch.Tensor) -> Statistics:
-    """The statistics pass: one FP forward, block by block, recording a_{b,G} for every group."""
-    arch = architecture_of(model)
-    blocks = model.get_submodule(arch.blocks)
-    x, kwargs = block_inputs(model, blocks, calibration)
-    stats: Statistics = {}
-    for index in progress(range(len(blocks)), "statistics", "block"):
-        x = measure_statistics(stats, arch, blocks, index, index, x, kwargs)
-    return stats
+    """The whole statistics pass at once: a_{b,G} for every block and group, from one FP forward."""
+    fp_pass = FullPrecisionPass(model, calibration)
+    return fp_pass.through(len(fp_pass.blocks) - 1)
 
 
 @torch.no_grad()
 def quantize_awq(model: PreTrainedModel, config: AwqConfig, calibration: torch.Tensor,
                  guide: Guide = Guide()) -> dict[str, QuantizedWeight]:
     """Scale, clip and quantize every block in place; returns the integer record per Linear."""
-    stats = activation_statistics(model, calibration)
     arch = architecture_of(model)
     blocks = model.get_submodule(arch.blocks)
-    x, kwargs = block_inputs(model, blocks, calibration[: config.search_rows])
     quantized_prefix = config.propagate == "quant"
     gptq = config.rounding == "gptq"
-    if quantized_prefix or gptq:  # every row: the statistics of the quantized prefix, GPTQ's Hessians
+    # GPTQ's Hessians: with FP propagation a block's inputs are the FP pass's; with a quantized prefix
+    # they are measured on the prefix's output (x_all) instead
+    fp_pass = FullPrecisionPass(model, calibration, hessians=gptq and not quantized_prefix)
+    stats = fp_pass.stats
+    x, kwargs = block_inputs(model, blocks, calibration[: config.search_rows])
+    if quantized_prefix:  # every row: the statistics of the quantized prefix, GPTQ's Hessians
         x_all, kwargs_all = block_inputs(model, blocks, calibration)
     inspected = {g.inspect for g in arch.groups}
     weights: dict[str, QuantizedWeight] = {}
     for index in progress(range(len(blocks)), f"{config.method} blocks", "block"):
         block = blocks[index]
         groups = active_groups(arch, block)
+        fp_pass.through(index + max(guide.ahead, guide.lookahead))
         if quantized_prefix:
             last = min(index + guide.lookahead, len(blocks) - 1)
             measure_statistics(stats, arch, blocks, index, last, x_all, kwargs_all)
@@ -291,16 +325,18 @@ def quantize_awq(model: PreTrainedModel, config: AwqConfig, calibration: torch.T
                   for g, loss in zip(groups, losses, strict=True)]
         for group, s in zip(groups, scales, strict=True):
             apply_scale(block, group, s)
-        scaled = run_block(block, x, kwargs, set(arch.linears)) if config.clip else fp
+        # The scaling divides the inputs of each group's balance Linears by its s and changes no other
+        # input: the scaled block's inputs, and their Hessians, follow from the FP ones without a forward.
+        balanced = {name: s for group, s in zip(groups, scales, strict=True) for name in group.balance}
         factors = None
-        if gptq:  # on the scaled block, still full precision: its output is the FP one
-            hessians, fp_all = input_hessians(block, x_all, kwargs_all, set(arch.linears))
+        if gptq:
+            hessians = (input_hessians(block, x_all, kwargs_all, set(arch.linears))[0] if quantized_prefix else
+                        scaled_hessians(fp_pass.hessians.pop(index), balanced))
             factors = inverse_factors(hessians, config)
-        weights.update(_quantize_block(block, prefix, arch, scaled, config, factors))
+        weights.update(_quantize_block(block, prefix, arch, fp, balanced, config, factors))
         if quantized_prefix:
             x = run_block(block, x, kwargs, set()).block_out
             x_all = run_block(block, x_all, kwargs_all, set()).block_out
         else:
             x = fp.block_out  # full-precision propagation (AutoAWQ): the next block sees the FP output
-            x_all = fp_all if gptq else None
     return weights

@@ -1,8 +1,8 @@
 """Future-Aware Quantization: AWQ whose scale search starts from a statistic
 that mixes the block's own activations with those of the next `window` blocks.
 
-The engine's statistics pass (quant/awq.py) already holds a_{b,G} for every block b and scaling
-group G before the first block is quantized: that is FAQ's pre-pass. For block b,
+The engine's statistics pass (quant/awq.py) measures a_{b,G} for every block b and scaling group G
+on the model as it was, and runs `window` blocks ahead of the quantizer: that is FAQ's pre-pass. For block b,
 f_b = Σ_k ω_k · a_{b+k,G} / m(a_{b+k,G}) over the available window (unit mean, so that
 large-magnitude layers do not dominate), and the search uses
 ã_{b,G} = (1 − γ)·a_{b,G} + γ·m(a_{b,G})·f_b. With γ = 0, or an empty window, this is AWQ.
@@ -106,7 +106,7 @@ def mix(config: FaqConfig, stats: Statistics, index: int, group: ScalingGroup) -
 
 
 def guide(config: FaqConfig) -> Guide:
-    return Guide(statistic=partial(mix, config),
+    return Guide(statistic=partial(mix, config), ahead=config.window,
                  lookahead=config.window if config.future_stats == "lookahead" else 0,
                  loss_window=config.window if config.objective == "window" else 0)
 

@@ -27,44 +27,72 @@ from faq_deploy.quant.blocks import block_inputs, first_output, run_block
 from faq_deploy.quant.quantizer import QuantizedWeight, quantize_linear_, quantize_weight
 from faq_deploy.quant.scheme import MethodConfig, QuantScheme
 
-_COLUMNS_PER_UPDATE = 128  # lazy batch: the trailing columns are updated once per 128 rounded
+_COLUMNS_PER_UPDATE = 64  # lazy batch: the trailing columns are updated once per 64 rounded
+
+
+class HessianHooks:
+    """While attached to a block (a context manager), sums XᵀX of the inputs each named Linear sees,
+    over every forward that runs; `hessians()` gives H = XᵀX / T. Linears fed the same input (q, k and
+    v; gate and up) get one shared tensor, so its inverse is factored once."""
+
+    def __init__(self, block: nn.Module, names: set[str]) -> None:
+        self._block, self._names = block, names
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts = dict.fromkeys(names, 0)
+        self._last: list = [None, None]  # q/k/v (and gate/up) see one tensor: its XᵀX is computed once
+        self._handles: list = []
+
+    def _accumulate(self, name: str, inputs: torch.Tensor) -> None:
+        flat = inputs.reshape(-1, inputs.shape[-1]).float()
+        if self._last[0] is not inputs:
+            self._last[:] = inputs, flat.T @ flat
+        self._sums[name] = self._sums[name] + self._last[1] if name in self._sums else self._last[1].clone()
+        self._counts[name] += len(flat)
+
+    def __enter__(self) -> HessianHooks:
+        self._handles = [self._block.get_submodule(name).register_forward_pre_hook(
+            lambda _m, args, name=name: self._accumulate(name, args[0])) for name in self._names]
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._last[:] = None, None
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        distinct: list[torch.Tensor] = []
+        hessians = {}
+        for name in sorted(self._names):
+            h = self._sums[name] / self._counts[name]
+            hessians[name] = next((d for d in distinct if d.shape == h.shape and torch.equal(d, h)), h)
+            if hessians[name] is h:
+                distinct.append(h)
+        return hessians
 
 
 @torch.no_grad()
 def input_hessians(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], names: set[str],
                    rows_per_pass: int = 8) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """H = XᵀX / T [K, K] of the inputs each named Linear of `block` sees over every row of x, and the
-    block's output on x; rows go through in slices, so only the K×K sums are kept. Linears fed the same
-    input (q, k and v; gate and up) get one shared tensor, so its inverse is factored once."""
-    sums: dict[str, torch.Tensor] = {}
-    counts = dict.fromkeys(names, 0)
-    last: list = [None, None]  # q/k/v (and gate/up) see one tensor: its XᵀX is computed once
+    """The Hessians of the inputs each named Linear of `block` sees over every row of x (HessianHooks),
+    and the block's output on x; rows go through in slices, so only the K×K sums are kept."""
+    with HessianHooks(block, names) as hooks:
+        outputs = [first_output(block(x[start:start + rows_per_pass], **kwargs))
+                   for start in range(0, len(x), rows_per_pass)]
+    return hooks.hessians(), torch.cat(outputs)
 
-    def accumulate(name: str, inputs: torch.Tensor) -> None:
-        flat = inputs.reshape(-1, inputs.shape[-1]).float()
-        if last[0] is not inputs:
-            last[:] = inputs, flat.T @ flat
-        sums[name] = sums[name] + last[1] if name in sums else last[1].clone()
-        counts[name] += len(flat)
 
-    handles = [block.get_submodule(name).register_forward_pre_hook(
-        lambda _m, args, name=name: accumulate(name, args[0])) for name in names]
-    outputs = []
-    try:
-        for start in range(0, len(x), rows_per_pass):
-            out = block(x[start:start + rows_per_pass], **kwargs)
-            outputs.append(first_output(out))
-    finally:
-        for handle in handles:
-            handle.remove()
-    distinct: list[torch.Tensor] = []
-    hessians = {}
-    for name in sorted(names):
-        h = sums[name] / counts[name]
-        hessians[name] = next((d for d in distinct if d.shape == h.shape and torch.equal(d, h)), h)
-        if hessians[name] is h:
-            distinct.append(h)
-    return hessians, torch.cat(outputs)
+def scaled_hessians(hessians: dict[str, torch.Tensor], balanced: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The Hessians after AWQ-style scaling: a Linear whose input was divided by s (`balanced`: name → s)
+    sees H / (s sᵀ). Converting the Hessians measured before the scaling is exact up to rounding and
+    saves a forward."""
+    converted: dict[int, torch.Tensor] = {}
+    out = dict(hessians)
+    for name, s in balanced.items():
+        h = hessians[name]
+        if id(h) not in converted:  # q/k/v share one tensor and one s: convert it once, keep it shared
+            converted[id(h)] = h / torch.outer(s, s)
+        out[name] = converted[id(h)]
+    return out
 
 
 @dataclass(frozen=True)
@@ -105,34 +133,36 @@ def inverse_factors(hessians: dict[str, torch.Tensor], config: MethodConfig) -> 
 def gptq_round(weight: torch.Tensor, factor: InverseFactor, grid: QuantizedWeight) -> QuantizedWeight:
     """The codes of `weight` [N, K] on `grid`'s scales and zero points, rounded column by column with
     GPTQ's error compensation."""
-    w = weight.detach().float().clone()
-    k = w.shape[1]
-    g = grid.scheme.group_size
-    scale = grid.scales.float().repeat_interleave(g, dim=1)[:, :k]
-    zero = grid.zeros.float().repeat_interleave(g, dim=1)[:, :k]
-    w[:, factor.dead] = 0
-    order = factor.order
-    w, scale, zero = w[:, order], scale[:, order], zero[:, order]
+    # The loop works on wᵀ [K, N], where an input column is a contiguous row: 3-4× faster on the CPU
+    # than strided columns of w, with the same codes.
+    w = weight.detach().float().T.clone()
+    w[factor.dead] = 0
+    w = w[factor.order].contiguous()
+    groups = (factor.order // grid.scheme.group_size).tolist()
+    scales, zeros = grid.scales.float().T.contiguous(), grid.zeros.float().T.contiguous()
     codes = torch.empty_like(w)
     with _one_thread():
-        _round_columns(w, factor.u, scale, zero, codes, grid.scheme.max_code)
-    return replace(grid, codes=codes[:, torch.argsort(order)].to(torch.uint8).contiguous())
+        _round_columns(w, factor.u, scales, zeros, groups, codes, grid.scheme.max_code)
+    ordered = torch.empty_like(codes)
+    ordered[factor.order] = codes
+    return replace(grid, codes=ordered.T.to(torch.uint8).contiguous())
 
 
-def _round_columns(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, codes: torch.Tensor,
-                   top: int) -> None:
-    """GPTQ's loop over the columns of w (updated in place), writing each column's codes."""
-    k = w.shape[1]
+def _round_columns(w: torch.Tensor, u: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groups: list[int],
+                   codes: torch.Tensor, top: int) -> None:
+    """GPTQ's loop over the input columns, the rows of w = weightᵀ [K, N] (updated in place), writing each
+    column's codes; column c is on the grid of group groups[c] (rows of scales, zeros [G, N])."""
+    k = len(w)
     for first in range(0, k, _COLUMNS_PER_UPDATE):
         last = min(first + _COLUMNS_PER_UPDATE, k)
-        part, errors = w[:, first:last].clone(), torch.empty(w.shape[0], last - first, device=w.device)
+        part, errors = w[first:last], torch.empty(last - first, w.shape[1], device=w.device)
         for i in range(last - first):
             c = first + i
-            q = (torch.round(part[:, i] / scale[:, c]) + zero[:, c]).clamp(0, top)
-            codes[:, c] = q
-            errors[:, i] = (part[:, i] - (q - zero[:, c]) * scale[:, c]) / u[c, c]
-            part[:, i:] -= errors[:, i, None] * u[c, first + i:last][None, :]
-        w[:, last:] -= errors @ u[first:last, last:]
+            scale, zero, q, error = scales[groups[c]], zeros[groups[c]], codes[c], errors[i]
+            torch.div(part[i], scale, out=q).round_().add_(zero).clamp_(0, top)
+            torch.addcmul(part[i], q - zero, scale, value=-1, out=error).div_(u[c, c])
+            part[i + 1:].addr_(u[c, c + 1:last], error, alpha=-1)
+        w[last:].addmm_(u[first:last, last:].T, errors, alpha=-1)
 
 
 @contextmanager
@@ -148,17 +178,30 @@ def _one_thread() -> Iterator[None]:
 
 
 @torch.no_grad()
-def round_linear_(linear: nn.Linear, scheme: QuantScheme, factor: InverseFactor | None,
-                  target: torch.Tensor | None = None) -> QuantizedWeight:
-    """Quantize a Linear on the nearest-rounding `scheme` grid of its weight as it stands (clipped, say)
-    and replace the weight by its fake-quantized value, in place. With a Hessian's `factor`, the codes
-    are GPTQ's rounding of `target` (default: the weight itself) on that grid."""
-    if factor is None:
-        return quantize_linear_(linear, scheme)
-    grid = quantize_weight(linear.weight, scheme)
-    quantized = gptq_round(linear.weight if target is None else target, factor, grid)
-    linear.weight.copy_(quantized.dequantize().to(linear.weight.dtype))
-    return quantized
+def round_linears_(linears: dict[str, nn.Linear], schemes: dict[str, QuantScheme],
+                   factors: dict[str, InverseFactor] | None,
+                   targets: dict[str, torch.Tensor] | None = None) -> dict[str, QuantizedWeight]:
+    """Quantize each Linear on the nearest-rounding grid of its `schemes` entry for its weight as it
+    stands (clipped, say) and replace the weight by its fake-quantized value, in place. With Hessian
+    `factors`, the codes are GPTQ's rounding of `targets` (default: the weights themselves) on that grid;
+    Linears that share a factor and a scheme (q/k/v, gate/up) go through one column loop over their
+    stacked rows (GPTQ treats rows independently), a third fewer loop steps per block."""
+    if factors is None:
+        return {name: quantize_linear_(linear, schemes[name]) for name, linear in linears.items()}
+    grids = {name: quantize_weight(linear.weight, schemes[name]) for name, linear in linears.items()}
+    together: dict[tuple[int, QuantScheme], list[str]] = {}
+    for name in linears:
+        together.setdefault((id(factors[name]), schemes[name]), []).append(name)
+    rounded: dict[str, QuantizedWeight] = {}
+    for (_, scheme), names in together.items():
+        stacked = QuantizedWeight(*(torch.cat([getattr(grids[name], part) for name in names])
+                                    for part in ("codes", "scales", "zeros")), scheme=scheme)
+        target = torch.cat([(targets or {}).get(name, linears[name].weight) for name in names])
+        codes = gptq_round(target, factors[names[0]], stacked).codes.split([len(grids[n].codes) for n in names])
+        rounded.update({name: replace(grids[name], codes=c.contiguous()) for name, c in zip(names, codes, strict=True)})
+    for name, linear in linears.items():
+        linear.weight.copy_(rounded[name].dequantize().to(linear.weight.dtype))
+    return {name: rounded[name] for name in linears}
 
 
 @torch.no_grad()
@@ -175,8 +218,9 @@ def quantize_gptq_blocks(model: PreTrainedModel, config: MethodConfig,
     for index in progress(range(len(blocks)), "gptq blocks", "block"):
         block = blocks[index]
         factors = inverse_factors(input_hessians(block, x, kwargs, set(arch.linears))[0], config)
-        for name in arch.linears:
-            full = f"{arch.blocks}.{index}.{name}"
-            weights[full] = round_linear_(block.get_submodule(name), config.scheme_for(full), factors[name])
+        prefix = f"{arch.blocks}.{index}"
+        linears = {name: block.get_submodule(name) for name in arch.linears}
+        schemes = {name: config.scheme_for(f"{prefix}.{name}") for name in arch.linears}
+        weights.update({f"{prefix}.{name}": w for name, w in round_linears_(linears, schemes, factors).items()})
         x = run_block(block, x, kwargs, set()).block_out  # the quantized block's output
     return weights

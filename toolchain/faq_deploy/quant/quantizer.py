@@ -66,6 +66,21 @@ def _stored(scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     return scales.clamp(min=_MIN_SCALE).to(getattr(torch, scheme.scale_dtype)).float()
 
 
+def _grid(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's scale and zero point, float32 [N, G], for groups w [N, G, group]."""
+    if scheme.symmetric:
+        half = 1 << (scheme.bits - 1)
+        scales = _stored(w.abs().amax(dim=-1) / (half - 1), scheme)
+        return scales, torch.full_like(scales, half)
+    wmin, wmax = w.amin(dim=-1), w.amax(dim=-1)
+    scales = _stored((wmax - wmin) / scheme.max_code, scheme)
+    return scales, torch.round(-wmin / scales).clamp(0, scheme.max_code)
+
+
+def _codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    return (torch.round(w / scales[..., None]) + zeros[..., None]).clamp_(0, scheme.max_code)
+
+
 def quantize_weight(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
     if len(weight) > ROWS_PER_SLICE:  # a vocabulary table: rows are independent, so slices bound the temporaries
         parts = [quantize_weight(rows, scheme) for rows in weight.split(ROWS_PER_SLICE)]
@@ -73,21 +88,26 @@ def quantize_weight(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeigh
                                scheme=scheme)
     n, k = weight.shape
     w = grouped(weight.detach().float(), scheme.group_size)
-    if scheme.symmetric:
-        half = 1 << (scheme.bits - 1)
-        scales = _stored(w.abs().amax(dim=-1) / (half - 1), scheme)
-        zeros = torch.full_like(scales, half)
-    else:
-        wmin, wmax = w.amin(dim=-1), w.amax(dim=-1)
-        scales = _stored((wmax - wmin) / scheme.max_code, scheme)
-        zeros = torch.round(-wmin / scales).clamp(0, scheme.max_code)
-    codes = (torch.round(w / scales[..., None]) + zeros[..., None]).clamp(0, scheme.max_code)
+    scales, zeros = _grid(w, scheme)
     return QuantizedWeight(
-        codes=codes.reshape(n, -1)[:, :k].to(torch.uint8).contiguous(),
+        codes=_codes(w, scales, zeros, scheme).reshape(n, -1)[:, :k].to(torch.uint8).contiguous(),
         scales=scales.contiguous(),
         zeros=zeros.to(torch.uint8).contiguous(),
         scheme=scheme,
     )
+
+
+def fake_quantize_groups(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Groups w [N, G, group] quantized and dequantized in one go, float32: the value
+    `quantize_weight(...).dequantize()` gives, without the integer tensors (the searches' inner step)."""
+    scales, zeros = _grid(w, scheme)
+    return _codes(w, scales, zeros, scheme).sub_(zeros[..., None]).mul_(scales[..., None])
+
+
+def fake_quantize(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """A weight [N, K] quantized and dequantized, float32 [N, K]."""
+    n, k = weight.shape
+    return fake_quantize_groups(grouped(weight.detach().float(), scheme.group_size), scheme).reshape(n, -1)[:, :k]
 
 
 @torch.no_grad()

@@ -1,0 +1,36 @@
+"""The two calls a build makes: `export` runs the chosen exporter, `finish` our passes over its graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from faq_deploy.export.builder import export_builder
+from faq_deploy.export.dynamo import export_dynamo
+from faq_deploy.export.graph import edited_graph, set_accuracy_levels, store_scales_in_float16
+from faq_deploy.export.options import TABLE_SCHEMES, ExportOptions
+from faq_deploy.export.qdq import set_session_level, to_qdq
+from faq_deploy.export.tables import fake_quantize_tables, quantize_tables
+from faq_deploy.quant.scheme import QuantScheme
+
+_EXPORTERS = {"builder": export_builder, "dynamo": export_dynamo}
+
+
+def export(checkpoint: Path, out: Path, options: ExportOptions) -> Path:
+    """The checkpoint as a model folder at `out` (replaced atomically), by `options.exporter`."""
+    return _EXPORTERS[options.exporter](checkpoint, out, options)
+
+
+def finish(model_dir: Path, model: nn.Module, options: ExportOptions, blocks: QuantScheme) -> None:
+    """Our passes over an exported graph, in one load and one save: the tables (rounding `model`'s the
+    same way, for parity), accuracy levels, the QDQ form, float16 scales. `blocks`: the Linears'
+    scheme, whose symmetry and scale precision the tables follow."""
+    with edited_graph(model_dir) as onnx_model:
+        if TABLE_SCHEMES.keys() & {options.lm_head, options.embedding}:
+            quantize_tables(onnx_model.graph, *fake_quantize_tables(model, options, blocks))
+        set_accuracy_levels(onnx_model.graph, options)
+        if options.weights == "qdq":
+            to_qdq(onnx_model, str(model_dir))
+            set_session_level(model_dir, options.accuracy_level)
+        store_scales_in_float16(onnx_model.graph, str(model_dir))
