@@ -44,7 +44,7 @@ def test_quantization_damage_orders_as_expected(real_cache: Path) -> None:
 
 
 @pytest.mark.heavy
-def test_float_reference_matches_measure_md(default_model: LoadedModel) -> None:
+def test_float_reference_reads_the_published_23_14(default_model: LoadedModel) -> None:
     """The float model reads 23.14 on the first 20,480 evaluation tokens, 1024-token windows."""
     result = perplexity(default_model.model, _ids(default_model, 20480), window=1024)
     assert result.perplexity == pytest.approx(23.1403, abs=0.005)
