@@ -52,8 +52,8 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert test_command in (ROOT / ".ci" / "run").read_text()
 
 
-def test_readme_documents_every_exit_code() -> None:
+def test_the_command_reference_documents_every_exit_code() -> None:
     from faq_deploy.errors import EXIT_CODES
 
-    readme = (ROOT / "README.md").read_text()
-    assert all(f"| {code} |" in readme for code in EXIT_CODES)
+    reference = (ROOT / "docs" / "commands.md").read_text()
+    assert all(f"| {code} |" in reference for code in EXIT_CODES)

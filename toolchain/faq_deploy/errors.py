@@ -1,7 +1,7 @@
 """User-facing failures: a one-line cause, the next step, and a documented exit code.
 
 The CLI has one handler for these (faq_deploy.cli); anything else is a bug and keeps its
-traceback. Exit codes are listed in the README and must stay stable for scripts.
+traceback. Exit codes are listed in docs/commands.md and must stay stable for scripts.
 """
 
 from __future__ import annotations
