@@ -24,7 +24,7 @@ from faq_deploy.errors import InvalidQuantConfig
 from faq_deploy.progress import progress
 from faq_deploy.quant import compute_device
 from faq_deploy.quant.packing import stored_bytes
-from faq_deploy.quant.quantizer import quantize_weight
+from faq_deploy.quant.quantizer import fake_quantize
 from faq_deploy.quant.scheme import QuantScheme
 
 # What a Linear may take besides the method's scheme: 8-bit codes (fast on the CPU at accuracy level 4)
@@ -96,7 +96,7 @@ def choices(model: PreTrainedModel, scheme: QuantScheme, calibration: torch.Tens
         linears = [model.get_submodule(name) for name in unit]
         row = []
         for option in options_for(scheme, {linear.in_features for linear in linears}):
-            damage = sum(0.5 * (weights[name] * (linear.weight - quantize_weight(linear.weight, option).dequantize())
+            damage = sum(0.5 * (weights[name] * (linear.weight - fake_quantize(linear.weight, option))
                                 .pow(2)).sum().item() for name, linear in zip(unit, linears, strict=True))
             size = sum(stored_bytes(*linear.weight.shape, option) for linear in linears)
             row.append(Choice(option, size, damage))
