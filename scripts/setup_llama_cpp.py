@@ -6,13 +6,14 @@ PyPI ships llama-cpp-python as source only. We build its vendored llama.cpp with
 libraries and the two tools the benches call, llama-quantize and llama-imatrix) into
 $FAQ_DEPLOY_CACHE/llama.cpp/<version>/, install the Python package into this environment without a
 second compile (it finds the libraries through LLAMA_CPP_LIB_PATH), and keep the sdist's converter
-(convert_hf_to_gguf.py and the gguf-py it imports). Tests never need any of it. The build uses
--march=native: the cache belongs to this machine.
+(convert_hf_to_gguf.py and the gguf-py it imports). Tests never need any of it. On x86 the build uses
+the vector extensions /proc/cpuinfo lists, AMX excepted (see _x86_flags): the cache belongs to this machine.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,14 @@ RELEASE = PinnedRelease("llama-cpp-python", "0.3.36", sdist=True)
 TOOLS = ("llama-quantize", "llama-imatrix")
 # the converter imports sentencepiece before it looks for a tokenizer.model; llama-cpp-python needs diskcache,
 # and its OpenAI server (scripts/bench_server.py) the packages of its [server] extra
+# x86 extensions llama.cpp's CMake can target, by their /proc/cpuinfo names. GGML_NATIVE (-march=native)
+# would also enable AMX where the CPU lists it, but a virtual machine can list AMX while its kernel
+# refuses the tile state: the first quantized matmul then faults on ldtilecfg (measured on this machine
+# class: a general protection fault in libggml-cpu). So the build names each extension and never AMX.
+_X86_FLAGS = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "avx_vnni": "GGML_AVX_VNNI", "fma": "GGML_FMA",
+              "f16c": "GGML_F16C", "bmi2": "GGML_BMI2", "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI",
+              "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16"}
+BUILD = "no-amx"  # the recipe's name in the cache path: a build made otherwise is not reused
 PYTHON_NEEDS = ("sentencepiece", "diskcache", "uvicorn", "fastapi", "sse-starlette", "starlette-context",
                 "pydantic-settings")
 
@@ -78,7 +87,7 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
 
 def ensure() -> LlamaCpp:
     """The built llama.cpp, building and installing it first when this cache or environment lacks it."""
-    built = LlamaCpp(cache_dir() / "llama.cpp" / RELEASE.version)
+    built = LlamaCpp(cache_dir() / "llama.cpp" / f"{RELEASE.version}-{BUILD}")
     if not all(built.tool(t).exists() for t in TOOLS):
         _build(built.home)
     _install_bindings(built)
@@ -98,12 +107,21 @@ def _build(home: Path) -> None:
             copy(vendored / name, tmp / "src" / name)
         flags = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF",
                  "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_CURL=OFF",
-                 "-DLLAMA_OPENSSL=OFF", "-DCMAKE_BUILD_RPATH=$ORIGIN"]
+                 "-DLLAMA_OPENSSL=OFF", "-DCMAKE_BUILD_RPATH=$ORIGIN", *_x86_flags()]
         _run(["cmake", "-S", str(vendored), "-B", str(tmp / "build"), *flags], os.environ)
         _run(["cmake", "--build", str(tmp / "build"), f"-j{os.cpu_count()}", "--target", *TOOLS, "llama"], os.environ)
         shutil.copytree(tmp / "build" / "bin", tmp / "bin", symlinks=True)
         shutil.rmtree(tmp / "build")
         shutil.rmtree(tmp / "sdist")
+
+
+def _x86_flags() -> list[str]:
+    if platform.machine() != "x86_64":
+        return []  # GGML_NATIVE elsewhere
+    listed = next((set(line.split(":", 1)[1].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("flags")), set())
+    return ["-DGGML_NATIVE=OFF", *(f"-D{option}={'ON' if flag in listed else 'OFF'}"
+                                   for flag, option in _X86_FLAGS.items())]
 
 
 def _install_bindings(built: LlamaCpp) -> None:

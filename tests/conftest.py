@@ -12,8 +12,12 @@ import pytest
 from commands import FAQ_DEPLOY, TINY_FAQ
 from sshd import Sshd
 
-from faq_deploy import data, models
+from faq_deploy import checkpoint, data, models
+from faq_deploy.export.options import ExportOptions
+from faq_deploy.export.steps import export
 from faq_deploy.fetch import cache_dir
+from faq_deploy.quant import QuantizedModel, make_config, quantize
+from faq_deploy.quant.scheme import QuantScheme
 
 # Fixtures that build a real bundle (minutes on 2 cores, once per session) or serve one: a test that
 # uses one is heavy, wherever it lives. Tests heavy for other reasons carry the mark themselves.
@@ -90,3 +94,33 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     server = Sshd(tmp_path_factory.mktemp("sshd"))
     yield server
     server.stop()
+
+
+class Exports:
+    """The default model quantized by RTN (group 32) at each width, with its checkpoint, and each one's
+    level-0 export (float activations: the graph that must match torch exactly) by each exporter, made
+    on first use and shared by the session's tests."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._quantized: dict[int, tuple[models.LoadedModel, QuantizedModel, Path]] = {}
+        self._level0: dict[tuple[int, str], Path] = {}
+
+    def quantized(self, bits: int) -> tuple[models.LoadedModel, QuantizedModel, Path]:
+        if bits not in self._quantized:
+            loaded = models.load(None)
+            result = quantize(loaded.model, make_config("rtn", QuantScheme(bits, 32)))
+            folder = checkpoint.save(result, loaded.tokenizer, loaded.ref, self.folder / f"w{bits}" / "checkpoint")
+            self._quantized[bits] = loaded, result, folder
+        return self._quantized[bits]
+
+    def level0(self, bits: int, exporter: str) -> Path:
+        if (bits, exporter) not in self._level0:
+            self._level0[bits, exporter] = export(self.quantized(bits)[2], self.folder / f"w{bits}" / exporter,
+                                                  ExportOptions(exporter=exporter, accuracy_level=0))
+        return self._level0[bits, exporter]
+
+
+@pytest.fixture(scope="session")
+def exports(real_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Exports:
+    return Exports(tmp_path_factory.mktemp("exports"))

@@ -97,7 +97,7 @@ def test_a_budget_build_holds_to_the_byte_and_both_runtimes_run_it(real_cache: P
     widths = {(o["bits"], o["group_size"]) for o in quantization["overrides"].values()}
     assert widths and widths <= {(8, 32), (8, 128)}
     assert json.loads(done.stdout)["parity"]["argmax_agreement"] > 0.93
-    generator = load(out, LoadOptions(check_device=False))
+    generator = load(out, LoadOptions(check_device=False, speculate=False))  # genai decodes a token a forward
     ids = generator.encode("My fellow citizens,")
     ours = list(generator.tokens(ids, 16))
     assert len(set(ours)) > 4 and ours == genai_greedy(out / "model", ids, 16)

@@ -26,7 +26,10 @@ def generator(x86_bundle: Path) -> Generator:
     return load(x86_bundle, LoadOptions(threads=2))
 
 
-def test_greedy_equals_onnxruntime_genai_for_64_tokens(generator: Generator, x86_bundle: Path) -> None:
+def test_greedy_equals_onnxruntime_genai_for_64_tokens(x86_bundle: Path) -> None:
+    # genai decodes one token a forward; drafts are checked several at a time, and at accuracy level 4
+    # onnxruntime's int8 kernels round a one-row product differently from a many-row one
+    generator = load(x86_bundle, LoadOptions(threads=2, speculate=False))
     ids = generator.encode("My fellow citizens,")  # PROMPT's greedy text loops on a few tokens
     ours = list(generator.tokens(ids, 64))
     assert len(ours) == 64 and len(set(ours)) > 10  # a real continuation, not one token repeated

@@ -32,7 +32,7 @@ exit codes: 0 ok, 1 selftest failed, 2 bad usage, 12 bundle invalid, 13 this dev
 
 def _options(args: argparse.Namespace) -> LoadOptions:
     return LoadOptions(providers=args.providers.split(",") if args.providers else None, context=args.context,
-                       threads=args.threads, check_device=args.device_check)
+                       threads=args.threads, check_device=args.device_check, speculate=args.speculate)
 
 
 def _sampling(args: argparse.Namespace) -> Sampling:
@@ -65,7 +65,7 @@ def _generate(args: argparse.Namespace) -> int:
     done = generator.complete(generator.encode(prompt), args.max_tokens, sampling, args.stop, stream)
     if args.json:
         print(json.dumps({"text": done.text, "tokens": done.tokens, "prompt_tokens": done.prompt_tokens,
-                          "finish_reason": done.finish_reason}))
+                          "finish_reason": done.finish_reason, "drafts": done.drafts.as_dict()}))
     else:
         print("" if stream else done.text)
     return 0
@@ -170,6 +170,9 @@ def _model_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     parser.add_argument("--no-device-check", dest="device_check", action="store_false",
                         help="skip the bundle-vs-device and memory checks")
+    parser.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=True,
+                        help="draft tokens from the text so far (prompt lookup) and check each draft in one "
+                             "forward: the same output, faster where the answer repeats its context (default: on)")
     return parser
 
 

@@ -1,5 +1,6 @@
-"""Generation over a Decoder and its KV cache: prefill the prompt once, then one token a step, with
-stop tokens, stop strings and text streamed as it becomes final."""
+"""Generation over a Decoder and its KV cache: prefill the prompt once, then a token a step (or a
+token and a checked draft, with prompt lookup), with stop tokens, stop strings and text streamed as
+it becomes final."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tokenizers import Tokenizer
 
+from faq_runtime.lookup import PromptLookup
 from faq_runtime.model import ContextFull, Decoder
 from faq_runtime.sampling import Sampler, Sampling
 from faq_runtime.template import ChatTemplate
@@ -39,6 +41,22 @@ OnText = Callable[[str, list[TokenLogprob]], None]
 
 
 @dataclass
+class DraftStats:
+    """Tokens proposed by prompt lookup, and how many of them the model kept."""
+
+    drafted: int = 0
+    accepted: int = 0
+
+    def add(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+
+    def as_dict(self) -> dict[str, float | int]:
+        rate = self.accepted / self.drafted if self.drafted else 0.0
+        return {"drafted": self.drafted, "accepted": self.accepted, "acceptance": round(rate, 4)}
+
+
+@dataclass
 class Completion:
     """What one generation produced; `finish_reason` is "stop" (end token or stop string), "length",
     or "cancelled" (the caller's `cancelled` said so between two tokens)."""
@@ -48,6 +66,7 @@ class Completion:
     text: str = ""
     finish_reason: str = "length"
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    drafts: DraftStats = field(default_factory=DraftStats)
 
 
 class TextStream:
@@ -108,12 +127,13 @@ class TextStream:
 
 
 class Generator:
-    """A loaded model: decoder, tokenizer, end tokens and chat template, at a fixed context."""
+    """A loaded model: decoder, tokenizer, end tokens and chat template, at a fixed context; with a
+    `lookup`, generation drafts tokens by prompt lookup and checks each draft in one forward."""
 
     def __init__(self, decoder: Decoder, tokenizer: Tokenizer, stop_ids: set[int], template: ChatTemplate | None,
-                 context: int) -> None:
+                 context: int, lookup: PromptLookup | None = None) -> None:
         self.decoder, self.tokenizer, self.stop_ids = decoder, tokenizer, stop_ids
-        self.template, self.context = template, context
+        self.template, self.context, self.lookup = template, context, lookup
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -122,10 +142,16 @@ class Generator:
         """Next tokens until an end token, `max_tokens` or the context is full."""
         return (token for token, _ in self.steps(prompt_ids, max_tokens, sampling))
 
-    def steps(self, prompt_ids: Sequence[int], max_tokens: int,
-              sampling: Sampling = Sampling()) -> Iterator[tuple[int, np.ndarray]]:
-        """`tokens`, each with the logits it was picked from. The next step runs only when the
-        consumer asks for the next token, so a consumer that stops early stops the work."""
+    def steps(self, prompt_ids: Sequence[int], max_tokens: int, sampling: Sampling = Sampling(),
+              drafts: DraftStats | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """`tokens`, each with the logits it was picked from; `drafts` counts the drafted and
+        accepted tokens. The next forward runs only when the consumer asks for the next token, so a
+        consumer that stops early stops the work.
+
+        With a drafter, each forward takes the last token and a draft after it; the logits of
+        every position say how much of the draft the sampler keeps (`Sampler.verify`, which keeps
+        greedy output exactly greedy and a sampled one distributed as without drafts), and one more
+        token comes free from the last kept position. The cache then forgets the rejected part."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.context:
@@ -135,15 +161,40 @@ class Generator:
         cache = self.decoder.new_cache(len(prompt_ids) + max_tokens - 1)
         pick = Sampler(sampling)
         seen = list(prompt_ids)
-        logits = self.decoder.step(prompt_ids, cache)
-        for produced in range(max_tokens):
-            token = pick(logits, seen)
-            if token in self.stop_ids:
-                return
+        drafter = self.lookup.start(prompt_ids) if self.lookup else None
+        token = pick(logits := self.decoder.step(prompt_ids, cache), seen)
+        produced = 0
+        while token not in self.stop_ids:
             yield token, logits
-            if produced + 1 < max_tokens:
+            produced += 1
+            if produced == max_tokens:
+                return
+            seen.append(token)
+            if drafter is None:
+                token = pick(logits := self.decoder.step([token], cache), seen)
+                continue
+            drafter.extend([token])
+            # room for the draft and the token after it, within max_tokens (and so within the cache)
+            draft = drafter.propose(max_tokens - produced - 1)
+            kept_length = cache.length + 1  # the token is kept whatever becomes of the draft
+            rows = self.decoder.rows([token, *draft], cache)
+            for position, logits in enumerate(rows):
+                if position == len(draft):  # past the draft: the free token
+                    token = pick(logits, seen)
+                    break
+                token, kept = pick.verify(logits, seen, draft[position])
+                if not kept or token in self.stop_ids:
+                    break
+                yield token, logits
+                produced += 1
                 seen.append(token)
-                logits = self.decoder.step([token], cache)
+                drafter.extend([token])
+            kept_drafts = position
+            if draft:
+                drafter.feedback(len(draft), kept_drafts)
+                if drafts is not None:
+                    drafts.add(len(draft), kept_drafts)
+            cache.rewind(kept_length + kept_drafts)
 
     def complete(self, prompt_ids: Sequence[int], max_tokens: int, sampling: Sampling = Sampling(),
                  stop: Sequence[str] = (), on_text: OnText | None = None, top_logprobs: int | None = None,
@@ -156,7 +207,7 @@ class Generator:
             return done
         stream = TextStream(self.tokenizer, stop)
         unsent: list[TokenLogprob] = []  # logprobs of tokens whose text is still held back
-        for token, logits in self.steps(prompt_ids, max_tokens, sampling):
+        for token, logits in self.steps(prompt_ids, max_tokens, sampling, done.drafts):
             done.tokens.append(token)
             if top_logprobs is not None:
                 done.logprobs.append(TokenLogprob.of(logits, token, top_logprobs))

@@ -16,6 +16,7 @@ from faq_runtime import compat, probe
 from faq_runtime.bundle import MANIFEST, MODEL_DIR, BundleError, verify
 from faq_runtime.fit import MemoryFit
 from faq_runtime.generate import Generator
+from faq_runtime.lookup import PromptLookup
 from faq_runtime.model import GENAI_CONFIG, DecoderSpec
 from faq_runtime.providers import NoProvider, open_decoder
 from faq_runtime.template import ChatTemplate
@@ -32,6 +33,7 @@ class LoadOptions:
     threads: int | None = None
     hashes: bool = True                     # False: sizes and paths only (the deployer has just hashed)
     check_device: bool = True               # the bundle's target requirements and the memory fit
+    speculate: bool = True                  # draft tokens by prompt lookup, check them in one forward
 
 
 def _warn(message: str) -> None:
@@ -69,7 +71,8 @@ def load(path: Path, options: LoadOptions = LoadOptions(), warn: Callable[[str],
     genai = json.loads((folder / GENAI_CONFIG).read_text())["model"]
     eos = genai.get("eos_token_id")
     stop_ids = set(eos if isinstance(eos, list) else [eos])
-    return Generator(decoder, tokenizer, stop_ids, ChatTemplate.read(folder), context)
+    return Generator(decoder, tokenizer, stop_ids, ChatTemplate.read(folder), context,
+                     PromptLookup() if options.speculate else None)
 
 
 def _check_device(needs: dict, facts: dict, target: str) -> None:

@@ -135,12 +135,22 @@ class Decoder:
         Long prompts run in chunks of PREFILL_CHUNK: the graph computes logits for every position,
         and 1024 positions of a 49k vocabulary are 200 MB (twice, with the copy out) where only the
         last row is wanted. Chunks give the same logits (measured: bit-identical on the default model)."""
-        if cache.length + len(ids) > cache.capacity:
-            raise ContextFull(f"{cache.length} cached + {len(ids)} new tokens exceed the context of "
-                              f"{cache.capacity} tokens")
+        self._check_room(len(ids), cache)
         for start in range(0, len(ids), PREFILL_CHUNK):
             logits = self._run(np.asarray([ids[start:start + PREFILL_CHUNK]], np.int64), cache)
         return logits[0, -1].astype(np.float32)
+
+    def rows(self, ids: Sequence[int], cache: Cache) -> np.ndarray:
+        """Append a few `ids` (a token and a draft after it) to `cache`; the float32 logits
+        [len(ids), vocab] of every one, each the prediction of the token after it."""
+        self._check_room(len(ids), cache)
+        return self._run(np.asarray([ids], np.int64), cache)[0].astype(np.float32)
+
+    @staticmethod
+    def _check_room(new: int, cache: Cache) -> None:
+        if cache.length + new > cache.capacity:
+            raise ContextFull(f"{cache.length} cached + {new} new tokens exceed the context of "
+                              f"{cache.capacity} tokens")
 
     def _run(self, batch: np.ndarray, cache: Cache) -> np.ndarray:
         length = batch.shape[1]
@@ -190,6 +200,22 @@ class Cache:
                 self.binding.bind_output(present, self.device)
         self.step_logits = ort.OrtValue.ortvalue_from_shape_and_type(
             [1, 1, spec.vocab_size], decoder.logits_dtype, "cpu", 0)
+
+    def rewind(self, length: int) -> None:
+        """Keep the first `length` positions only: a rejected draft's are forgotten.
+
+        A shared buffer needs nothing moved: attention reads as many positions as the attention
+        mask says (the length), and the next step writes over the stale ones. A grown cache is cut
+        (a copy, on the fallback graph only)."""
+        if length >= self.length:
+            return
+        self.length = length
+        if self.shared:
+            return
+        self.values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[:, :, :length]),
+                                                       self.device, 0) for value in self.values]
+        for (past, _), value in zip(self.names, self.values, strict=True):
+            self.binding.bind_ortvalue_input(past, value)
 
     def advance(self, length: int) -> None:
         """After a run of `length` tokens: the presents it returned become the past of the next."""

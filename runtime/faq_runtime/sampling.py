@@ -60,17 +60,45 @@ class Sampler:
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, logits: np.ndarray, seen: Sequence[int]) -> int:
-        s = self.sampling
-        if s.temperature == 0 and s.repetition_penalty == 1.0:
+        if self.sampling.temperature == 0:
+            return self._greedy(logits, seen)
+        probs = self._probabilities(logits, seen)
+        return int(self.rng.choice(probs.size, p=probs))
+
+    def verify(self, logits: np.ndarray, seen: Sequence[int], drafted: int) -> tuple[int, bool]:
+        """The token to emit where a drafter proposed `drafted`, and whether that was it.
+
+        Speculative sampling's rule for a drafter that proposes one token with certainty (prompt
+        lookup): keep `drafted` with its probability p(drafted), else draw from p without it. The
+        token is then distributed exactly as `self(logits, seen)` would draw it: p(d) for d, and
+        (1 - p(d)) * p(x) / (1 - p(d)) = p(x) for every other x. Greedy keeps it when it is the argmax."""
+        if self.sampling.temperature == 0:
+            token = self._greedy(logits, seen)
+            return token, token == drafted
+        probs = self._probabilities(logits, seen)
+        if self.rng.random() < probs[drafted]:
+            return drafted, True
+        probs[drafted] = 0.0
+        return int(self.rng.choice(probs.size, p=probs / probs.sum())), False
+
+    def _greedy(self, logits: np.ndarray, seen: Sequence[int]) -> int:
+        if self.sampling.repetition_penalty == 1.0:
             return int(logits.argmax())  # plain greedy: no copy of the vocabulary-sized row per token
+        return int(self._penalized(logits, seen).argmax())
+
+    def _penalized(self, logits: np.ndarray, seen: Sequence[int]) -> np.ndarray:
         logits = logits.astype(np.float64)
-        if s.repetition_penalty != 1.0 and seen:
+        penalty = self.sampling.repetition_penalty
+        if penalty != 1.0 and seen:
             # CTRL's penalty, as transformers applies it: shrink positive logits, grow negative ones
             ids = np.unique(np.asarray(seen))
-            logits[ids] = np.where(logits[ids] > 0, logits[ids] / s.repetition_penalty,
-                                   logits[ids] * s.repetition_penalty)
-        if s.temperature == 0:
-            return int(logits.argmax())
+            logits[ids] = np.where(logits[ids] > 0, logits[ids] / penalty, logits[ids] * penalty)
+        return logits
+
+    def _probabilities(self, logits: np.ndarray, seen: Sequence[int]) -> np.ndarray:
+        """The distribution a sampled token is drawn from (float64, sums to 1)."""
+        s = self.sampling
+        logits = self._penalized(logits, seen)
         # shift before scaling: a tiny temperature then sends the others to -inf, never the best to inf
         logits = (logits - logits.max()) / s.temperature
         if 0 < s.top_k < logits.size:
@@ -85,4 +113,4 @@ class Sampler:
             cut = order[int(np.searchsorted(cumulative, s.top_p)) + 1:]
             probs[cut] = 0.0
             probs /= probs.sum()
-        return int(self.rng.choice(probs.size, p=probs))
+        return probs
