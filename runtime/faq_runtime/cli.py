@@ -172,7 +172,8 @@ def _model_parser() -> argparse.ArgumentParser:
                         help="skip the bundle-vs-device and memory checks")
     parser.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=True,
                         help="draft tokens from the text so far (prompt lookup) and check each draft in one "
-                             "forward: the same output, faster where the answer repeats its context (default: on)")
+                             "forward: faster where the answer repeats its context; sampling keeps its distribution, "
+                             "greedy its tokens up to near ties at accuracy level 4 (default: on)")
     return parser
 
 
