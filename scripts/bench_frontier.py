@@ -78,6 +78,7 @@ def points(budgets: list[str]) -> tuple[Point, ...]:
         _ours("rtn w8 g32", "--method", "rtn", "--bits", "8"),
         _ours("faq w4 g32", "--method", "faq"),
         *(_ours(f"faq budget {mb}", "--method", "faq", "--budget", mb) for mb in budgets),
+        _ours("gguf", "--method", "gguf"),  # a GGUF model's own codes, carried over exactly
         *OTHERS,
     )
 
@@ -285,13 +286,16 @@ def report(rows: list[dict], control: dict, failures: list[dict], out: Path, com
              f"files a board holds; speed: 2 threads, prefill of 128/1024 tokens and {DECODE} greedy tokens, median "
              "of interleaved runs. Control: the float model through llama.cpp (F32 GGUF) reads "
              f"{control.get('speeches-eval')} / {control.get('bible-kjv')}. Build s: on this host, the F32 GGUF's "
-             "conversion not counted; the first imatrix point's includes computing the importance matrix.\n",
-             "| tool | point | MB | speeches-eval | bible-kjv | prefill 1024 tok/s | decode tok/s | build s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "conversion not counted; the first imatrix point's includes computing the importance matrix. "
+             "Speeds compare only within one speed run (the run column): a run measures its points interleaved, "
+             "and runs on other days read up to 2x apart on this shared host.\n",
+             "| tool | point | MB | speeches-eval | bible-kjv | prefill 1024 tok/s | decode tok/s | run | build s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda r: (TOOLS.index(r["tool"]), r["bytes"])):
         lines.append(f"| {row['tool']} | {row['name']} | {row['bytes'] / mb:.1f} | {row.get('speeches-eval', '-')} | "
                      f"{row.get('bible-kjv', '-')} | {row.get('prefill_1024_tokens_s', '-')} | "
-                     f"{row.get('decode_tokens_s', '-')} | {row.get('build_seconds') or '-'} |")
+                     f"{row.get('decode_tokens_s', '-')} | {row.get('speed_run', '-')} | "
+                     f"{row.get('build_seconds') or '-'} |")
     lines += ["", "## At equal bytes", "",
               "Each tool's frontier (its points that no smaller point of its own beats), interpolated at the size "
               "of each of our frontier points:", "",
@@ -367,14 +371,17 @@ def main() -> int:
               if p.tool in args.tools and (args.points is None or p.name in args.points)]
     for point in [CONTROL, *chosen]:
         key = {"model": name, "tool": point.tool, "name": point.name}
-        if not log.has({**key, "stage": "build"}):
+        built = log.has({**key, "stage": "build"})
+        # a speed run remakes what the work folder lost (the log keeps the first build's figures)
+        if not built or (not args.no_speed and point in chosen and not shop.artefact(point).exists()):
             try:
                 seconds = shop.make(point)
             except RuntimeError as exc:  # a tool that cannot make this point: recorded, not retried
                 log.add({**key, "stage": "build", "error": str(exc).strip().splitlines()[-1][:300]})
                 print(f"{point.tool} {point.name}: {log.rows[-1]['error']}", file=sys.stderr)
                 continue
-            log.add({**key, "stage": "build", "seconds": round(seconds, 1), "bytes": shop.weight_bytes(point)})
+            if not built:
+                log.add({**key, "stage": "build", "seconds": round(seconds, 1), "bytes": shop.weight_bytes(point)})
         if "error" in next(r for r in log.rows if r.items() >= {**key, "stage": "build"}.items()):
             continue
         for text, tokens in TEXTS.items():
@@ -404,9 +411,11 @@ def collect(entries: list[dict], model: str) -> tuple[list[dict], dict]:
             row.update(bytes=entry["bytes"], build_seconds=entry["seconds"])  # None: not timed cleanly
         else:
             row[entry["stage"]] = entry["perplexity"]
-    for entry in (e for e in entries if e["model"] == model and e["stage"] == "speed"):
+    speed_runs = [e for e in entries if e["model"] == model and e["stage"] == "speed"]
+    for number, entry in enumerate(speed_runs, 1):
         for row in rows.values():
-            row.update(entry["results"].get(row["name"], {}))
+            if row["name"] in entry["results"]:
+                row.update(entry["results"][row["name"]], speed_run=number)
     control = rows.pop((CONTROL.tool, CONTROL.name), {})
     return list(rows.values()), control
 

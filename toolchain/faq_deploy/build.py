@@ -32,6 +32,7 @@ from faq_deploy.jobs import quantize_loaded
 from faq_deploy.models import DEFAULT_MODEL, LoadedModel
 from faq_deploy.perplexity import WINDOW, perplexity
 from faq_deploy.quant import describe
+from faq_deploy.quant.gguf import GgufConfig
 from faq_deploy.quant.scheme import MethodConfig
 from faq_deploy.registry import Target
 from faq_runtime.files import folder_bytes
@@ -186,8 +187,10 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             modules = check_codes(model_dir, weights)
             del weights
         with stage(4, "edit tables, accuracy levels and scales"):
-            model = checkpoint.load(ckpt).model
-            finish(model_dir, model, options, config.scheme)
+            read = checkpoint.load(ckpt)
+            finish(model_dir, read, options, config.scheme)
+            model = read.model
+            del read
             if budget_bytes and (written := weight_files_bytes(model_dir)) > budget_bytes:
                 raise ExportError(f"the weight files hold {written:,} bytes, over the budget of {budget_bytes:,}",
                                   "report this (the estimate missed); a slightly lower --budget builds")
@@ -244,7 +247,7 @@ def summary(result: BuildResult, target: Target) -> list[str]:
         f"bundle     {result.bundle}  (id {result.bundle_id})",
         *([f"tar        {result.tar}"] if result.tar else []),
         f"target     {result.target}",
-        f"model      {result.model}: {result.method} w{result.bits} g{result.group}",
+        f"model      {result.model}: {method_words(asdict(result))}",
         f"size       {result.bundle_bytes / mb:.1f} MB (float model {result.float_bytes / mb:.1f} MB)",
         *(f"{key:<10} {line}" for key, line in fit_lines(asdict(result), target).items()),
         f"perplexity {result.perplexity_float:.4f} float → {result.perplexity_bundle:.4f} bundle "
@@ -262,7 +265,7 @@ def report(result: dict[str, Any], target: Target, parity: Parity) -> str:
         f"# {result['model']} for {target.name}", "",
         f"{target.description}.", "",
         "| | |", "|---|---|",
-        f"| method | {result['method']}, {result['bits']}-bit, group {result['group']} |",
+        f"| method | {method_words(result)} |",
         f"| weights | {result['weights_bytes'] * mb:.1f} MB (float model {result['float_bytes'] * mb:.1f} MB) |",
         f"| KV cache at {result['context']} tokens | {result['kv_cache_bytes'] * mb:.1f} MB |",
         f"| perplexity, {result['eval_tokens']} tokens of {EVAL_TEXT} | float {result['perplexity_float']:.4f} → "
@@ -272,6 +275,13 @@ def report(result: dict[str, Any], target: Target, parity: Parity) -> str:
     ]
     lines += [f"| {key} | {value} |" for key, value in fit_lines(result, target).items()]
     return "\n".join(lines) + "\n"
+
+
+def method_words(result: dict[str, Any]) -> str:
+    """The method as the summary and REPORT.md name it: a GGUF's codes have the file's widths, not one."""
+    if result["method"] == GgufConfig.method:
+        return "gguf, the file's own blocks carried over exactly"
+    return f"{result['method']} w{result['bits']} g{result['group']}"
 
 
 def fit_lines(result: dict[str, Any], target: Target) -> dict[str, str]:

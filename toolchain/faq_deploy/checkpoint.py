@@ -5,7 +5,10 @@ model.safetensors holding, per quantized Linear `<name>.qweight` uint8 [N, K·bi
 MatMulNBits B rows, flattened), `<name>.scales` float32 [N, groups] and `<name>.qzeros` uint8
 (packed like MatMulNBits zero points); every other tensor as float32. faq_quantization.json
 records the method config whole (3-bit codes sit in a 4-bit container, so the container alone
-does not say what was done) and the source model.
+does not say what was done) and the source model. What the olive layout has no name for goes to
+faq_codes/codes.safetensors, out of the builder's sight (it reads every top-level .safetensors and
+refuses names it does not know): per-group `<name>.offsets`, and the vocabulary tables' codes when
+the method fixed them (a GGUF's), in the same four tensors per table.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from faq_runtime.files import staged_dir
 
 RECORD_FILE = "faq_quantization.json"
 WEIGHTS_FILE = "model.safetensors"
+CODES_FILE = "faq_codes/codes.safetensors"
 _QUANT_SUFFIXES = (".qweight", ".scales", ".qzeros")
 
 
@@ -43,6 +47,7 @@ class Checkpoint:
     tokenizer: PreTrainedTokenizerBase
     weights: dict[str, QuantizedWeight]
     record: dict[str, Any]
+    tables: dict[str, QuantizedWeight]
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -50,11 +55,13 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def _olive_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The three olive tensors of a weight, and its offsets (for CODES_FILE) when it has them."""
     packed = to_matmulnbits(weight)
     return {
         f"{name}.qweight": torch.from_numpy(packed.b.reshape(packed.n, -1)),
         f"{name}.scales": torch.from_numpy(packed.scales),
         f"{name}.qzeros": torch.from_numpy(packed.zero_points),
+        **({} if packed.offsets is None else {f"{name}.offsets": torch.from_numpy(packed.offsets)}),
     }
 
 
@@ -74,9 +81,15 @@ def save(quantized: QuantizedModel, tokenizer: PreTrainedTokenizerBase, source: 
     state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    codes = {}
     for name, weight in quantized.weights.items():
         state.pop(f"{name}.weight")
-        state.update(_olive_tensors(name, weight))
+        tensors = _olive_tensors(name, weight)
+        if (offsets := tensors.pop(f"{name}.offsets", None)) is not None:
+            codes[f"{name}.offsets"] = offsets
+        state.update(tensors)
+    for name, weight in quantized.tables.items():
+        codes.update(_olive_tensors(name, weight))
 
     out = Path(out)
     with staged_dir(out) as tmp:
@@ -86,7 +99,11 @@ def save(quantized: QuantizedModel, tokenizer: PreTrainedTokenizerBase, source: 
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(tmp)
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        if codes:
+            (tmp / CODES_FILE).parent.mkdir()
+            save_file(codes, tmp / CODES_FILE)
         record = {"quantization": describe(quantized.config),
+                  "tables": {name: asdict(w.scheme) for name, w in quantized.tables.items()},
                   "calibration": asdict(calibration) if calibration else None,
                   "modules": sorted(quantized.weights),
                   "source": {"name": source.name, "kind": source.kind, "path": source.path,
@@ -96,14 +113,18 @@ def save(quantized: QuantizedModel, tokenizer: PreTrainedTokenizerBase, source: 
     return out
 
 
-def _read_weight(tensors: dict[str, torch.Tensor], name: str, k: int, scheme: QuantScheme) -> QuantizedWeight:
+def _read_weight(tensors: dict[str, torch.Tensor], name: str, k: int, scheme: QuantScheme,
+                 codes: dict[str, torch.Tensor]) -> QuantizedWeight:
+    """One weight from its olive tensors in `tensors`, with its offsets from CODES_FILE's `codes`."""
     qweight, scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
     bits = scheme.container_bits
     n, k_blocks = scales.shape
+    offsets = codes.get(f"{name}.offsets")
     packed = MatMulNBitsWeights(
         b=qweight.numpy().reshape(n, k_blocks, scheme.group_size * bits // 8),
         scales=scales.numpy(), zero_points=tensors[f"{name}.qzeros"].numpy(),
         k=k, n=n, bits=bits, block_size=scheme.group_size,
+        offsets=None if offsets is None else offsets.numpy(),
     )
     return from_matmulnbits(packed, scheme)
 
@@ -114,6 +135,7 @@ def load(path: str | os.PathLike) -> Checkpoint:
     try:
         record = json.loads((path / RECORD_FILE).read_text())
         tensors = load_file(path / WEIGHTS_FILE)
+        codes = load_file(path / CODES_FILE) if (path / CODES_FILE).is_file() else {}
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read the checkpoint at {path}: {exc}",
@@ -128,7 +150,7 @@ def load(path: str | os.PathLike) -> Checkpoint:
     weights: dict[str, QuantizedWeight] = {}
     for name in record["modules"]:
         linear = model.get_submodule(name)
-        weights[name] = _read_weight(tensors, name, linear.in_features, overrides.get(name, scheme))
+        weights[name] = _read_weight(tensors, name, linear.in_features, overrides.get(name, scheme), codes)
         for suffix in _QUANT_SUFFIXES:
             del tensors[name + suffix]
         # into the (so far untouched) parameter itself: a model's worth of dequantized copies, or of
@@ -142,4 +164,6 @@ def load(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{path / WEIGHTS_FILE} does not match its config: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}", "re-create it with `faq-deploy quantize --out`")
     model.tie_weights()
-    return Checkpoint(model.eval(), AutoTokenizer.from_pretrained(path), weights, record)
+    tables = {name: _read_weight(codes, name, model.config.hidden_size, QuantScheme(**own), codes)
+              for name, own in record.get("tables", {}).items()}
+    return Checkpoint(model.eval(), AutoTokenizer.from_pretrained(path), weights, record, tables)

@@ -15,6 +15,7 @@ from faq_deploy.export.options import ExportOptions
 from faq_deploy.export.parity import onnx_logits
 from faq_deploy.perplexity import perplexity
 from faq_deploy.quant import QuantizedModel, budget, compute_device, quantize
+from faq_deploy.quant.gguf import GgufConfig
 from faq_deploy.quant.scheme import MethodConfig
 from faq_runtime.bundle import MANIFEST, MODEL_DIR
 from faq_runtime.files import folder_bytes
@@ -57,8 +58,14 @@ class EvalResult:
 def quantize_loaded(loaded: models.LoadedModel, config: MethodConfig, calibration: Calibration,
                     budget_bytes: int | None = None, export: ExportOptions = ExportOptions()) -> QuantizedModel:
     """Quantize with `config`; with a byte budget, the Linears' schemes are first chosen so that the
-    graph `export` writes fits it (quant/budget.py), and the result's config carries them."""
+    graph `export` writes fits it (quant/budget.py), and the result's config carries them. A GGUF
+    config reads the codes of the file `loaded` came from."""
     start = time.perf_counter()
+    if isinstance(config, GgufConfig):  # the codes come from the file the model was read from
+        if budget_bytes:
+            raise InvalidQuantConfig("--budget chooses each Linear's width, --method gguf keeps the file's",
+                                     "drop --budget, or quantize the float model with another method")
+        config = replace(config, source=loaded.ref.gguf or "")
     rows = calibration.rows(loaded.tokenizer.backend_tokenizer) if config.needs_calibration or budget_bytes else None
     if budget_bytes:  # the bundle `export` writes holds scales in its precision: quantize for those
         config = replace(config, scheme=replace(config.scheme, scale_dtype=export.scale_dtype))

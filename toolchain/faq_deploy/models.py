@@ -84,6 +84,7 @@ class ModelRef:
     sha256: str | None   # of the original file, where there is one file to hash
     license: str | None = None   # known for embedded models only
     upstream: str | None = None
+    gguf: str | None = None      # the GGUF file the weights were read from (--method gguf keeps its codes)
 
 
 @dataclass
@@ -151,8 +152,9 @@ def _converted_dir(gguf: Path, sha256: str, name: str) -> Path:
 def resolve(spec: str | None) -> ModelRef:
     """Turn a --model value into a ModelRef, fetching or converting what is needed."""
     if (entry := embedded(spec)) is not None:
-        folder = _converted_dir(fetch_embedded(entry), entry.sha256, entry.name)
-        return ModelRef(entry.name, "embedded", str(folder), entry.sha256, entry.license, entry.upstream)
+        gguf = fetch_embedded(entry)
+        folder = _converted_dir(gguf, entry.sha256, entry.name)
+        return ModelRef(entry.name, "embedded", str(folder), entry.sha256, entry.license, entry.upstream, str(gguf))
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -162,7 +164,8 @@ def resolve(spec: str | None) -> ModelRef:
         if path.suffix != ".gguf":
             raise ModelNotFound(f"{path} is a file but not a .gguf", "pass a GGUF file or a model folder")
         sha256 = sha256_file(path)
-        return ModelRef(path.stem, "gguf", str(_converted_dir(path, sha256, path.stem)), sha256)
+        return ModelRef(path.stem, "gguf", str(_converted_dir(path, sha256, path.stem)), sha256,
+                        gguf=str(path.resolve()))
     if _HUB_ID.match(spec) and not spec.startswith("."):
         return ModelRef(spec, "hub", spec, None)
     raise ModelNotFound(

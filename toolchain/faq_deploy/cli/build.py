@@ -9,7 +9,7 @@ import click
 
 from faq_deploy.build import default_out, run_build, summary
 from faq_deploy.cli.options import emit, json_option, load_targets, model_option, targets_dir_option
-from faq_deploy.cli.quant_options import method_option, quant_options, quant_request
+from faq_deploy.cli.quant_options import METHOD_HELP, method_option, quant_options, quant_request
 from faq_deploy.export.options import (
     EMBEDDING_KINDS,
     EXPORTERS,
@@ -25,7 +25,7 @@ from faq_deploy.export.options import (
 @click.option("--target", "target_name", default=None, metavar="NAME",
               help="Board name or alias (jetson, x86, …) [default: generic-x86_64].")
 @model_option
-@method_option("faq", "Quantization method.")
+@method_option("faq", METHOD_HELP)
 @quant_options
 @click.option("--out", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Bundle folder to write (replaced when the build succeeds) [default: build/<model>-<target>].")

@@ -14,6 +14,9 @@ from faq_deploy.quant.faq import FUTURE_STATS, LAST_BLOCKS, OBJECTIVES, SCOPES, 
 from faq_deploy.quant.scheme import ROUNDINGS, MethodConfig, QuantScheme
 
 DEFAULT_SCHEME = (4, 32)  # bits, group size
+METHOD_HELP = ("Quantization method: rtn, awq or faq quantize the float weights; gguf keeps a GGUF model's own "
+               "quantized blocks exactly (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K; --bits/--group then only "
+               "apply to tensors of other types, re-quantized by RTN).")
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 

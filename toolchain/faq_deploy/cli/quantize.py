@@ -7,13 +7,13 @@ from typing import Any
 import click
 
 from faq_deploy.cli.options import emit, json_option, model_option
-from faq_deploy.cli.quant_options import method_option, quant_options, quant_request
+from faq_deploy.cli.quant_options import METHOD_HELP, method_option, quant_options, quant_request
 from faq_deploy.jobs import run_quantize
 
 
 @click.command("quantize")
 @model_option
-@method_option("faq", "Quantization method.")
+@method_option("faq", METHOD_HELP)
 @quant_options
 @click.option("--out", required=True, metavar="DIR", help="Checkpoint folder to write (replaced if present).")
 @json_option

@@ -9,6 +9,7 @@ The modules, one job each; a build calls `steps.export` then `steps.finish`:
     codes     proof that a graph carries our integer codes, byte for byte
     graph     load for edits, save back, accuracy levels, float16 scales, node replacement
     tables    the lm_head and embedding as our codes (a tied pair stored once)
+    offsets   per-group float offsets beside MatMulNBits (a GGUF's blocks with a minimum)
     qdq       DequantizeLinear → MatMul weights for TensorRT
     parity    the graph's logits against the quantized torch model's
 """

@@ -21,7 +21,7 @@ _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_pro
 _PREFIX = {"attn": "self_attn", "mlp": "mlp"}
 
 
-def _node_modules(node_name: str) -> list[str] | None:
+def node_modules(node_name: str) -> list[str] | None:
     """The checkpoint modules a MatMulNBits node computes: by the builder's names (q/k/v and gate/up
     fused) or the dynamo exporter's (`<module>/MatMulNBits`); None for the lm_head (`/lm_head/…`)."""
     if match := _NODE.match(node_name):
@@ -38,7 +38,7 @@ def check_codes(folder: Path, weights: dict[str, QuantizedWeight]) -> int:
     init = {t.name: t for t in model.graph.initializer}
     checked: set[str] = set()
     for node in model.graph.node:
-        if node.op_type != "MatMulNBits" or (modules := _node_modules(node.name)) is None:
+        if node.op_type != "MatMulNBits" or (modules := node_modules(node.name)) is None:
             continue
         missing = [m for m in modules if m not in weights]
         if missing:

@@ -25,6 +25,7 @@ from faq_deploy.quant.quantizer import QuantizedWeight
 MODEL_FILE = "model.onnx"
 _INLINE_BYTES = 1024  # smaller tensors stay in model.onnx, as onnx's own external-data save keeps them
 _COPY_BYTES = 64 << 20  # the old data file is copied across a slice at a time
+OFFSETS_MATMUL = "/offsets/MatMul"  # the name's end of the MatMul that adds a node's per-group offsets
 
 
 @contextmanager
@@ -39,13 +40,15 @@ def edited_graph(folder: Path) -> Iterator[onnx.ModelProto]:
 
 
 def store_scales_in_float16(graph: onnx.GraphProto, base_dir: str = "") -> int:
-    """Store every float32 scales tensor of a MatMulNBits or GatherBlockQuantized node whose values are
-    all exact in float16 (the build quantizes for float16 scales) as float16 behind a Cast to float32.
-    onnxruntime folds the Cast when the session starts, so the kernels see the same float32 scales; the
-    files shrink by half the scales (6.7 MB on the default model at w4 g32). `base_dir`: where tensors
-    still in a data file are read from (edited_graph's folder). Returns the bytes saved."""
+    """Store every float32 scales tensor of a MatMulNBits or GatherBlockQuantized node (and every
+    offsets table beside one, faq_deploy.export.offsets) whose values are all exact in float16 (the
+    build quantizes for float16 scales) as float16 behind a Cast to float32. onnxruntime folds the
+    Cast when the session starts, so the kernels see the same float32 scales; the files shrink by half
+    the scales (6.7 MB on the default model at w4 g32). `base_dir`: where tensors still in a data file
+    are read from (edited_graph's folder). Returns the bytes saved."""
     init = {t.name: t for t in graph.initializer}
     names = {n.input[2] for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    names |= {n.input[1] for n in graph.node if n.op_type == "MatMul" and n.name.endswith(OFFSETS_MATMUL)}
     saved = 0
     for name in sorted(names):
         tensor = init.get(name)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
-
+from faq_deploy.checkpoint import Checkpoint
 from faq_deploy.export.builder import export_builder
 from faq_deploy.export.dynamo import export_dynamo
 from faq_deploy.export.graph import edited_graph, set_accuracy_levels, store_scales_in_float16
+from faq_deploy.export.offsets import add_offsets
 from faq_deploy.export.options import TABLE_SCHEMES, ExportOptions
 from faq_deploy.export.qdq import set_session_level, to_qdq
 from faq_deploy.export.tables import fake_quantize_tables, quantize_tables
@@ -22,13 +22,15 @@ def export(checkpoint: Path, out: Path, options: ExportOptions) -> Path:
     return _EXPORTERS[options.exporter](checkpoint, out, options)
 
 
-def finish(model_dir: Path, model: nn.Module, options: ExportOptions, blocks: QuantScheme) -> None:
-    """Our passes over an exported graph, in one load and one save: the tables (rounding `model`'s the
-    same way, for parity), accuracy levels, the QDQ form, float16 scales. `blocks`: the Linears'
-    scheme, whose symmetry and scale precision the tables follow."""
+def finish(model_dir: Path, checkpoint: Checkpoint, options: ExportOptions, blocks: QuantScheme) -> None:
+    """Our passes over an exported graph, in one load and one save: the tables (rounding the checkpoint's
+    model the same way, for parity), the Linears' per-group offsets, accuracy levels, the QDQ form,
+    float16 scales. `blocks`: the Linears' scheme, whose symmetry and scale precision the tables follow."""
     with edited_graph(model_dir) as onnx_model:
         if TABLE_SCHEMES.keys() & {options.lm_head, options.embedding}:
-            quantize_tables(onnx_model.graph, *fake_quantize_tables(model, options, blocks))
+            tables = fake_quantize_tables(checkpoint.model, options, blocks, checkpoint.tables)
+            quantize_tables(onnx_model.graph, *tables)
+        add_offsets(onnx_model.graph, checkpoint.weights)
         set_accuracy_levels(onnx_model.graph, options)
         if options.weights == "qdq":
             to_qdq(onnx_model, str(model_dir))

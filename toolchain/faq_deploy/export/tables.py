@@ -23,22 +23,34 @@ from faq_deploy.quant.quantizer import QuantizedWeight, quantize_weight
 from faq_deploy.quant.scheme import QuantScheme
 
 
-def fake_quantize_tables(model: nn.Module, export: ExportOptions, blocks: QuantScheme | None = None
-                         ) -> tuple[QuantizedWeight | None, ...]:
+def _storable(weight: QuantizedWeight | None, lookup: bool) -> bool:
+    """Whether given codes fit the table's node: neither node adds offsets, and the lookup
+    (GatherBlockQuantized) takes 4 or 8 bits only."""
+    return weight is not None and not weight.scheme.offsets and (not lookup or weight.scheme.bits in (4, 8))
+
+
+def fake_quantize_tables(model: nn.Module, export: ExportOptions, blocks: QuantScheme | None = None,
+                         given: dict[str, QuantizedWeight] | None = None) -> tuple[QuantizedWeight | None, ...]:
     """Give the lm_head and the embedding each the table the export stores, as it stores it, so the
     parity check compares like with like (a tied pair is untied on the way): (head, embedding) codes,
     None where that one stays float. Symmetry and scale precision follow the `blocks`' scheme
     (TensorRT's QDQ form takes no zero points; a float16 graph holds float16 scales); None: the default
-    scheme's."""
+    scheme's. `given`: codes the method fixed ("lm_head", "model.embed_tokens": a GGUF's own), taken
+    instead of our RTN wherever the table is quantized and its node can store them."""
     blocks = blocks or QuantScheme()
+    given = given or {}
     codes: list[QuantizedWeight | None] = []
-    tables = (model.get_output_embeddings(), export.lm_head), (model.get_input_embeddings(), export.embedding)
-    for module, kind in tables:
+    tables = ((model.get_output_embeddings(), export.lm_head, "lm_head"),
+              (model.get_input_embeddings(), export.embedding, "model.embed_tokens"))
+    for module, kind, name in tables:
         if kind not in TABLE_SCHEMES:
             codes.append(None)
             continue
-        scheme = replace(TABLE_SCHEMES[kind], symmetric=blocks.symmetric, scale_dtype=blocks.scale_dtype)
-        codes.append(quantize_weight(module.weight.detach(), scheme))
+        if _storable(given.get(name), lookup=name != "lm_head"):
+            codes.append(given[name])
+        else:
+            scheme = replace(TABLE_SCHEMES[kind], symmetric=blocks.symmetric, scale_dtype=blocks.scale_dtype)
+            codes.append(quantize_weight(module.weight.detach(), scheme))
         # a new Parameter, not a copy into the old one: a tied partner keeps its own values, and an
         # untied table is not cloned first (544 MB for Qwen2.5's head)
         module.weight = nn.Parameter(codes[-1].dequantize().to(module.weight.dtype), requires_grad=False)

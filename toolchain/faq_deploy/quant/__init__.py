@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from faq_deploy.errors import InvalidQuantConfig
 from faq_deploy.quant.awq import AwqConfig, quantize_awq
 from faq_deploy.quant.faq import FaqConfig, quantize_faq
+from faq_deploy.quant.gguf import TABLES, GgufConfig, quantize_gguf
 from faq_deploy.quant.quantizer import QuantizedWeight
 from faq_deploy.quant.rtn import RtnConfig, quantize_rtn
 from faq_deploy.quant.scheme import MethodConfig, QuantScheme
@@ -31,17 +32,21 @@ METHODS: dict[str, Method] = {
     RtnConfig.method: Method(RtnConfig, quantize_rtn),
     AwqConfig.method: Method(AwqConfig, quantize_awq),
     FaqConfig.method: Method(FaqConfig, quantize_faq),
+    GgufConfig.method: Method(GgufConfig, quantize_gguf),
 }
 
 
 @dataclass
 class QuantizedModel:
-    """The result of `quantize`: the fake-quantized model and the codes behind it."""
+    """The result of `quantize`: the fake-quantized model and the codes behind it. `tables`: codes a
+    method fixed for the vocabulary tables ("lm_head", "model.embed_tokens"; a GGUF's own), which the
+    export stores instead of its RTN of them."""
 
     model: PreTrainedModel
     weights: dict[str, QuantizedWeight]
     config: MethodConfig
     seconds: float
+    tables: dict[str, QuantizedWeight] = field(default_factory=dict)
 
 
 def make_config(method: str, scheme: QuantScheme, **options: Any) -> MethodConfig:
@@ -79,4 +84,7 @@ def quantize(model: PreTrainedModel, config: MethodConfig, calibration: torch.Te
     weights = METHODS[config.method].run(model, config, None if calibration is None else calibration.to(device))
     model.to("cpu")
     weights = {name: weight.cpu() for name, weight in weights.items()}
-    return QuantizedModel(model, weights, config, time.perf_counter() - start)
+    tables = {name: weights.pop(name) for name in TABLES if name in weights}
+    # a method that chose schemes itself (a GGUF's per-tensor types) records them like a budget's
+    overrides = {name: w.scheme for name, w in weights.items() if w.scheme != config.scheme}
+    return QuantizedModel(model, weights, replace(config, overrides=overrides), time.perf_counter() - start, tables)

@@ -3,6 +3,8 @@
 - B: uint8 [N, k_blocks, block·bits/8], codes packed lowest bits first, last block zero-padded.
 - scales: float [N, k_blocks].
 - zero_points: uint8 [N, ceil(k_blocks·bits/8)], packed the same way, each row padded to bytes.
+- offsets (ours, not MatMulNBits'): float [N, k_blocks], added per block beside the node
+  (faq_deploy.export.offsets).
 
 `pack`/`unpack` are exact inverses; tests feed the arrays to a real MatMulNBits node.
 """
@@ -53,15 +55,16 @@ class MatMulNBitsWeights:
     n: int
     bits: int                # the container's bits (3-bit codes use 4)
     block_size: int
+    offsets: np.ndarray | None = None  # float32 [N, k_blocks]: a scheme with offsets
 
 
 def stored_bytes(n: int, k: int, scheme: QuantScheme) -> int:
     """What one weight [N, K] occupies in an exported graph's files: codes in their container, one scale
-    per block in `scheme.scale_dtype`, packed zero points unless symmetric."""
+    (and one offset, with offsets) per block in `scheme.scale_dtype`, packed zero points unless symmetric."""
     bits = scheme.container_bits
     blocks = math.ceil(k / scheme.group_size)
     zero_points = 0 if scheme.symmetric else n * math.ceil(blocks * bits / 8)
-    scale_bytes = 2 if scheme.scale_dtype == "float16" else 4
+    scale_bytes = (2 if scheme.scale_dtype == "float16" else 4) * (2 if scheme.offsets else 1)
     return n * blocks * scheme.group_size * bits // 8 + n * blocks * scale_bytes + zero_points
 
 
@@ -77,6 +80,7 @@ def to_matmulnbits(weight: QuantizedWeight) -> MatMulNBitsWeights:
         scales=weight.scales.numpy().astype(np.float32),
         zero_points=pack(weight.zeros.numpy(), bits),
         k=k, n=n, bits=bits, block_size=g,
+        offsets=None if weight.offsets is None else weight.offsets.numpy().astype(np.float32),
     )
 
 
@@ -90,4 +94,6 @@ def from_matmulnbits(packed: MatMulNBitsWeights, scheme: QuantScheme) -> Quantiz
         scales=torch.from_numpy(np.ascontiguousarray(packed.scales, dtype=np.float32)),
         zeros=torch.from_numpy(np.ascontiguousarray(zeros)),
         scheme=scheme,
+        offsets=None if packed.offsets is None else torch.from_numpy(np.ascontiguousarray(packed.offsets,
+                                                                                            dtype=np.float32)),
     )

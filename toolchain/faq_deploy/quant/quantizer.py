@@ -28,25 +28,32 @@ class QuantizedWeight:
     scales: torch.Tensor  # float32 [N, ceil(K / group)], each a value of scheme.scale_dtype
     zeros: torch.Tensor   # uint8 [N, ceil(K / group)]
     scheme: QuantScheme
+    offsets: torch.Tensor | None = None  # float32 [N, ceil(K / group)] when scheme.offsets
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
     def cpu(self) -> QuantizedWeight:
-        return replace(self, codes=self.codes.cpu(), scales=self.scales.cpu(), zeros=self.zeros.cpu())
+        offsets = None if self.offsets is None else self.offsets.cpu()
+        return replace(self, codes=self.codes.cpu(), scales=self.scales.cpu(), zeros=self.zeros.cpu(), offsets=offsets)
 
     def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """(q − z) · scale, float32 [N, K]; written into `out` (float32 [N, K]) when given, in place and
-        without temporaries when K is a whole number of groups."""
+        """(q − z) · scale (+ offset), float32 [N, K]; written into `out` (float32 [N, K]) when given, in
+        place and without temporaries when K is a whole number of groups."""
         n, k = self.codes.shape
         blocks = self.scales.shape[1]
         if k % self.scheme.group_size:  # a partial last group: through a padded copy
             codes = F.pad(self.codes.float(), (0, blocks * self.scheme.group_size - k)).view(n, blocks, -1)
-            values = ((codes - self.zeros.float()[..., None]) * self.scales[..., None]).view(n, -1)[:, :k]
+            values = (codes - self.zeros.float()[..., None]) * self.scales[..., None]
+            if self.offsets is not None:
+                values += self.offsets[..., None]
+            values = values.view(n, -1)[:, :k]
             return values if out is None else out.copy_(values)
         values = self.codes.float() if out is None else out.copy_(self.codes)
-        values.view(n, blocks, -1).sub_(self.zeros[..., None]).mul_(self.scales[..., None])
+        grouped_values = values.view(n, blocks, -1).sub_(self.zeros[..., None]).mul_(self.scales[..., None])
+        if self.offsets is not None:
+            grouped_values.add_(self.offsets[..., None])
         return values
 
 

@@ -19,12 +19,15 @@ class QuantScheme:
     `scale_dtype` is the precision the scales are stored in: a float16 graph (CUDA) holds its
     MatMulNBits scales in float16, so they are rounded to it before the codes are chosen, and the
     codes, the torch model and the graph all agree on the same scales.
+    `offsets`: each group also adds a float offset, (q − z)·scale + offset: the form of GGUF's blocks
+    with a minimum (Q4_1, Q5_1, the K-quants), which no integer zero point can hold (quant/gguf.py).
     """
 
     bits: int = 4
     group_size: int = 32
     symmetric: bool = False
     scale_dtype: str = "float32"  # one of SCALE_DTYPES
+    offsets: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -34,6 +37,8 @@ class QuantScheme:
         if g < 16 or g & (g - 1):
             raise InvalidQuantConfig(f"group size {g} is not a power of two ≥ 16",
                                      "use 16, 32, 64, 128 or 256")
+        if self.offsets and self.symmetric:
+            raise InvalidQuantConfig("a scheme with offsets stores its zero points", "drop --symmetric")
         if self.scale_dtype not in SCALE_DTYPES:
             raise InvalidQuantConfig(f"scale dtype {self.scale_dtype!r} is not supported",
                                      f"use {' or '.join(SCALE_DTYPES)}")

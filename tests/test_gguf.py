@@ -1,0 +1,158 @@
+"""GGUF in, exactly: each block type's codes, the offsets beside MatMulNBits in real onnxruntime
+sessions, and the default model built from its own GGUF file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+from onnx import TensorProto, numpy_helper
+from tiny_models import tiny_model
+
+from faq_deploy import checkpoint, models
+from faq_deploy.cli import cli
+from faq_deploy.data import Calibration, eval_tokens, load_corpus
+from faq_deploy.export.codes import check_codes
+from faq_deploy.export.graph import store_scales_in_float16
+from faq_deploy.export.offsets import add_offsets
+from faq_deploy.export.options import ExportOptions
+from faq_deploy.export.parity import compare
+from faq_deploy.export.steps import export, finish
+from faq_deploy.jobs import quantize_loaded
+from faq_deploy.quant import make_config
+from faq_deploy.quant.gguf import FORMS, GgufFile, to_codes
+from faq_deploy.quant.packing import from_matmulnbits, to_matmulnbits
+from faq_deploy.quant.quantizer import QuantizedWeight
+from faq_deploy.quant.scheme import QuantScheme
+from faq_runtime.model import Decoder
+
+# gguf-py quantizes these itself; the K-quants it only reads
+QUANTIZABLE = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0}
+EVERY_TYPE = pytest.mark.parametrize("qtype", list(FORMS), ids=lambda t: t.name)
+N, K = 24, 512
+
+
+def synthetic(qtype: T, n: int = N, k: int = K, seed: int = 0) -> np.ndarray:
+    """A weight [n, k] in `qtype`'s raw blocks: packed by the gguf package's own quantizer where it has
+    one; for the K-quants, random blocks with finite float16 headers (any other byte is a valid code,
+    scale or minimum)."""
+    rng = np.random.default_rng(seed)
+    if qtype in QUANTIZABLE:
+        return gguf.quants.quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), qtype)
+    block_weights, block_bytes = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (n * k // block_weights, block_bytes), dtype=np.uint8)
+    for field in ((208,) if qtype == T.Q6_K else (0, 2)):  # d (and dmin)
+        blocks[:, field:field + 2] = (rng.random((len(blocks), 1)) * 0.01).astype(np.float16).view(np.uint8)
+    return blocks.reshape(n, -1)
+
+
+@EVERY_TYPE
+def test_each_block_type_becomes_codes_that_dequantize_to_llama_cpps_values_exactly(qtype: T) -> None:
+    raw = synthetic(qtype)
+    weight = to_codes(raw, qtype, (N, K))
+    form = FORMS[qtype]
+    np.testing.assert_array_equal(weight.dequantize().numpy(), gguf.quants.dequantize(raw, qtype))
+    assert weight.scheme.bits == form.bits and weight.scheme.group_size == form.group
+    assert int(weight.codes.max()) <= weight.scheme.max_code
+    assert weight.scheme.offsets == (weight.offsets is not None) == bool(form.center)
+    # codes with offsets sit around the middle of their range (what level 4's int8 activations need)
+    # wherever the shifted offset is a float32: most groups even of random K-quant blocks
+    assert torch.all((weight.zeros == form.zero) | (weight.zeros == form.center))
+    assert (weight.zeros == (form.center or form.zero)).float().mean() > 0.5
+    back = from_matmulnbits(to_matmulnbits(weight), weight.scheme)
+    for part in ("codes", "scales", "zeros", "offsets"):
+        a, b = getattr(back, part), getattr(weight, part)
+        assert (a is None and b is None) or torch.equal(a, b), part
+
+
+def _matmul_graph(weights: dict[str, QuantizedWeight], rank: int) -> onnx.ModelProto:
+    """One MatMulNBits node per weight (named as the dynamo exporter names them), all reading input A."""
+    k = next(iter(weights.values())).shape[1]
+    shape = ["batch", "seq", k][-rank:]
+    nodes, inits, outputs = [], [], []
+    for name, weight in weights.items():
+        packed = to_matmulnbits(weight)
+        parts = [f"{name}.{p}" for p in ("B", "scales", "zero_points")]
+        arrays = (packed.b, packed.scales, packed.zero_points)
+        inits += [numpy_helper.from_array(a, p) for a, p in zip(arrays, parts, strict=True)]
+        nodes.append(onnx.helper.make_node("MatMulNBits", ["A", *parts], [f"{name}.Y"], name=f"{name}/MatMulNBits",
+                                           domain="com.microsoft", K=k, N=packed.n, bits=packed.bits,
+                                           block_size=packed.block_size, accuracy_level=0))
+        outputs.append(onnx.helper.make_tensor_value_info(f"{name}.Y", TensorProto.FLOAT, None))
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("A", TensorProto.FLOAT, shape)],
+                                   outputs, inits)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21),
+                                                        onnx.helper.make_opsetid("com.microsoft", 1)])
+
+
+@EVERY_TYPE
+@pytest.mark.parametrize("rank", [2, 3])
+def test_matmulnbits_with_the_offsets_beside_it_computes_the_gguf_weights_product(qtype: T, rank: int) -> None:
+    weights = {f"w{i}": to_codes(synthetic(qtype, seed=i), qtype, (N, K)) for i in range(2)}
+    model = _matmul_graph(weights, rank)
+    added = add_offsets(model.graph, weights)
+    assert added == (2 if FORMS[qtype].center else 0)
+    # two nodes on one input share one set of group sums
+    assert sum(n.name.endswith("group_sums_16/MatMul") or n.name.endswith("group_sums_32/MatMul")
+               for n in model.graph.node) == (1 if added else 0)
+    store_scales_in_float16(model.graph)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(1).standard_normal((2, 3, K)[-rank:]).astype(np.float32)
+    for name, got in zip([o.name for o in session.get_outputs()], session.run(None, {"A": a}), strict=True):
+        w = weights[name.removesuffix(".Y")].dequantize().double().numpy()
+        want = a.astype(np.float64) @ w.T
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
+
+
+def test_gguf_needs_a_gguf_model_and_keeps_the_files_widths(tmp_path: Path, real_cache: Path) -> None:
+    folder = tmp_path / "tiny"
+    tiny_model("LlamaForCausalLM").save_pretrained(folder)
+    models.load(None).tokenizer.save_pretrained(folder)  # a float model folder, not a GGUF
+    result = CliRunner().invoke(cli, ["quantize", "--model", str(folder), "--method", "gguf",
+                                      "--out", str(tmp_path / "q")])
+    assert result.exit_code == 5 and "--method gguf needs a GGUF model" in result.output, result.output
+    result = CliRunner().invoke(cli, ["quantize", "--method", "gguf", "--budget", "100", "--out", str(tmp_path / "q")])
+    assert result.exit_code == 5 and "drop --budget" in result.output, result.output
+
+
+@pytest.mark.heavy
+def test_the_default_model_from_its_own_gguf_matches_the_float_model_at_level_0(real_cache: Path,
+                                                                                tmp_path: Path) -> None:
+    """Every Linear of the embedded SmolLM2 file is Q4_1 and its tied table Q8_0: carried over, the
+    level-0 graph computes what the float model (transformers' dequantization of that file) computes."""
+    loaded = models.load(None)
+    quantized = quantize_loaded(loaded, make_config("gguf", QuantScheme()), Calibration("speeches-calib", 1, 16, 0))
+    assert len(quantized.weights) == 210 and all(w.scheme.offsets for w in quantized.weights.values())
+    assert set(quantized.tables) == {"lm_head", "model.embed_tokens"}
+    folder = checkpoint.save(quantized, loaded.tokenizer, loaded.ref, tmp_path / "checkpoint")
+    read = checkpoint.load(folder)
+    for name, weight in quantized.weights.items():
+        assert torch.equal(read.weights[name].offsets, weight.offsets), name
+    options = ExportOptions(accuracy_level=0)
+    model_dir = export(folder, tmp_path / "model", options)
+    assert check_codes(model_dir, quantized.weights) == 210
+    finish(model_dir, read, options, QuantScheme(scale_dtype="float16"))
+
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    head = next(n for n in graph.node if n.output[0] == "logits")
+    lookup = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    assert head.op_type == "MatMulNBits" and lookup.input[2:] == head.input[2:]  # the file's table, stored once
+    table = GgufFile(loaded.ref.gguf, loaded.model).codes("model.embed_tokens")
+    init = {t.name: t for t in graph.initializer}
+    stored = numpy_helper.to_array(init[head.input[1]], str(model_dir))
+    assert np.array_equal(stored.reshape(-1), to_matmulnbits(table).b.reshape(-1))
+    # every block node has its offsets beside it; the head (Q8_0) has none
+    blocks = sum(n.op_type == "MatMulNBits" for n in graph.node) - 1
+    assert blocks >= 30 * 4 and sum(n.name.endswith("/offsets/MatMul") for n in graph.node) == blocks
+
+    ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus("speeches-eval"), 1000)
+    parity = compare(models.load(None).model, Decoder(model_dir), ids)
+    assert parity.max_rel_diff <= 1e-4 and parity.argmax_agreement == 1.0, parity
