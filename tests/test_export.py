@@ -212,7 +212,7 @@ def test_a_cuda_bundle_is_a_float16_graph_of_our_codes(real_cache: Path, tmp_pat
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["export"]["provider"] == "cuda"
     assert manifest["quantization"]["scheme"] == {"bits": 3, "group_size": 32, "symmetric": False,
-                                                  "scale_dtype": "float16"}
+                                                  "scale_dtype": "float16", "offsets": False}
     shown = subprocess.run([*FAQ_DEPLOY, "inspect", str(out)], capture_output=True, text=True).stdout
     assert "rtn w3 g32, float16 scales" in shown and "builder graph for cuda" in shown
     assert manifest["target"]["compatibility"]["providers"] == ["CUDA", "CPU"]
