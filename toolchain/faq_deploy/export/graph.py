@@ -19,7 +19,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from faq_deploy.errors import ExportError
 from faq_deploy.export.options import ExportOptions
-from faq_deploy.quant.packing import to_matmulnbits
+from faq_deploy.quant.packing import exact_in_float16, to_matmulnbits
 from faq_deploy.quant.quantizer import QuantizedWeight
 
 MODEL_FILE = "model.onnx"
@@ -55,9 +55,9 @@ def store_scales_in_float16(graph: onnx.GraphProto, base_dir: str = "") -> int:
         if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT:
             continue
         values = numpy_helper.to_array(tensor, base_dir)
-        half = values.astype(np.float16)
-        if not np.array_equal(half.astype(np.float32), values):
+        if not exact_in_float16(values):
             continue
+        half = values.astype(np.float16)
         graph.initializer.remove(tensor)
         graph.initializer.append(numpy_helper.from_array(half, f"{name}.float16"))
         # the Cast's output keeps the name, so every consumer (a shared table has two) reads it unchanged

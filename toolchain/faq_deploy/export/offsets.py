@@ -45,7 +45,7 @@ def add_offsets(graph: onnx.GraphProto, weights: dict[str, QuantizedWeight]) -> 
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(offsets.T.astype(dtype)), name))
         key = (node.input[0], group)
         if key not in sums:
-            sums[key] = _group_sums(graph, node, k, group, dtype)
+            sums[key] = _group_sums(graph, init, node, k, group, dtype)
         output, partial, side = node.output[0], f"{node.output[0]}/without_offsets", f"{name}/MatMul/output_0"
         node.output[0] = partial
         at = list(graph.node).index(node) + 1
@@ -55,14 +55,17 @@ def add_offsets(graph: onnx.GraphProto, weights: dict[str, QuantizedWeight]) -> 
     return done
 
 
-def _group_sums(graph: onnx.GraphProto, node: onnx.NodeProto, k: int, group: int, dtype: np.dtype) -> str:
+def _group_sums(graph: onnx.GraphProto, init: dict[str, onnx.TensorProto], node: onnx.NodeProto, k: int,
+                group: int, dtype: np.dtype) -> str:
     """A MatMul before `node` that sums its input A [.., K] in groups: A times a 0/1 matrix [K, K/g] (one
     per width in the graph). One node whatever A's rank (a Reshape and ReduceSum need A's rank, or three
-    more nodes to read it, and at one token per step each node costs microseconds). Returns the sums' name."""
+    more nodes to read it, and at one token per step each node costs microseconds); `init`, the graph's
+initializers by name, gains it. Returns the sums' name."""
     indicator = f"group_sums/{k}x{group}"
-    if not any(t.name == indicator for t in graph.initializer):
+    if indicator not in init:
         matrix = np.arange(k)[:, None] // group == np.arange(k // group)[None, :]
-        graph.initializer.append(numpy_helper.from_array(matrix.astype(dtype), indicator))
+        init[indicator] = numpy_helper.from_array(matrix.astype(dtype), indicator)
+        graph.initializer.append(init[indicator])
     name = f"{node.input[0]}/group_sums_{group}"
     graph.node.insert(list(graph.node).index(node),
                       onnx.helper.make_node("MatMul", [node.input[0], indicator], [name], name=f"{name}/MatMul"))

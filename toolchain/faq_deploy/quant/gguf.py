@@ -6,14 +6,15 @@ offset, which the export adds beside the node):
 
     type   weights = ...                 container      group  zero  offset
     Q4_0   d·(q − 8)                     4-bit          32     8     -
-    Q4_1   d·q + m                       4-bit          32     0     m
+    Q4_1   d·q + m                       4-bit          32     8     m + 8d
     Q5_0   d·(q − 16)                    8-bit          32     16    -
-    Q5_1   d·q + m                       8-bit          32     0     m
+    Q5_1   d·q + m                       8-bit          32     16    m + 16d
     Q8_0   d·q (q signed)                8-bit          32     128   -
-    Q4_K   (d·sc)·q − dmin·mn            4-bit          32     0     −dmin·mn
-    Q5_K   (d·sc)·q − dmin·mn            8-bit          32     0     −dmin·mn
+    Q4_K   (d·sc)·q − dmin·mn            4-bit          32     8     −dmin·mn + 8·d·sc
+    Q5_K   (d·sc)·q − dmin·mn            8-bit          32     16    −dmin·mn + 16·d·sc
     Q6_K   (d·sc)·(q − 32)               8-bit          16     32    -
 
+(codes with offsets are centred where the shifted offset is exact, see `to_codes`; else zero 0.)
 The float operations are llama.cpp's own (gguf-py's dequantizers compute the same), so each weight
 dequantizes to the value transformers reads from the file, which the method checks tensor by tensor.
 A tensor of any other type (float, the i-quants, Q2_K/Q3_K) is re-quantized by RTN in the method's
@@ -37,6 +38,7 @@ from transformers import PreTrainedModel
 from faq_deploy.architectures import block_linears
 from faq_deploy.errors import InvalidQuantConfig
 from faq_deploy.progress import progress
+from faq_deploy.quant.packing import exact_in_float16
 from faq_deploy.quant.quantizer import QuantizedWeight, quantize_linear_
 from faq_deploy.quant.scheme import MethodConfig, QuantScheme
 
@@ -143,10 +145,6 @@ FORMS: dict[T, Form] = {
 }
 
 
-def _exact_in_half(values: np.ndarray) -> bool:
-    return bool(np.array_equal(values.astype(np.float16).astype(np.float32), values))
-
-
 def to_codes(data: np.ndarray, qtype: T, shape: tuple[int, int]) -> QuantizedWeight:
     """A GGUF tensor's raw blocks (uint8 [rows, row bytes]) as our codes of the weight [N, K] = `shape`,
     dequantizing to exactly what llama.cpp computes. Its scheme stores scales in float16 where every
@@ -168,7 +166,7 @@ def to_codes(data: np.ndarray, qtype: T, shape: tuple[int, int]) -> QuantizedWei
         exact = shifted.astype(np.float32) == shifted
         offsets = np.where(exact, shifted, offsets).astype(np.float32)
         zeros[exact] = form.center
-    half = _exact_in_half(scales) and (offsets is None or _exact_in_half(offsets))
+    half = exact_in_float16(scales) and (offsets is None or exact_in_float16(offsets))
     scheme = QuantScheme(bits=form.bits, group_size=form.group, offsets=offsets is not None,
                          scale_dtype="float16" if half else "float32")
     return QuantizedWeight(
@@ -209,7 +207,9 @@ class GgufFile:
 
     def codes(self, module: str) -> QuantizedWeight | str:
         """The module's weight as exact codes, or why there are none."""
-        gguf_name = self.names.get_name(module) if self.names else None
+        if self.names is None:
+            return f"the gguf package has no tensor names for architecture {self.arch!r}"
+        gguf_name = self.names.get_name(module)
         tensor = self.tensors.get(f"{gguf_name}.weight")
         if tensor is None and module == "lm_head" and self.config.tie_word_embeddings:
             tensor = self.tensors.get(f"{self.names.get_name('model.embed_tokens')}.weight")

@@ -58,6 +58,11 @@ class MatMulNBitsWeights:
     offsets: np.ndarray | None = None  # float32 [N, k_blocks]: a scheme with offsets
 
 
+def exact_in_float16(values: np.ndarray) -> bool:
+    """Whether every value survives float16 unchanged (then a graph may store it in half the bytes)."""
+    return bool(np.array_equal(values.astype(np.float16).astype(values.dtype), values))
+
+
 def stored_bytes(n: int, k: int, scheme: QuantScheme) -> int:
     """What one weight [N, K] occupies in an exported graph's files: codes in their container, one scale
     (and one offset, with offsets) per block in `scheme.scale_dtype`, packed zero points unless symmetric."""
