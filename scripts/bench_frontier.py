@@ -79,6 +79,7 @@ def points(budgets: list[str]) -> tuple[Point, ...]:
         _ours("faq w4 g32", "--method", "faq"),
         *(_ours(f"faq budget {mb}", "--method", "faq", "--budget", mb) for mb in budgets),
         _ours("gguf", "--method", "gguf"),  # a GGUF model's own codes, carried over exactly
+        _ours("gguf planes", "--method", "gguf", "--five-bit", "planes"),  # 5-bit blocks as 4 + 2 bits
         *OTHERS,
     )
 

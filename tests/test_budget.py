@@ -14,6 +14,7 @@ from commands import FAQ_DEPLOY
 from genai import genai_greedy
 
 from faq_deploy import models
+from faq_deploy.architectures import packed_units
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
 from faq_deploy.export.graph import weight_files_bytes
 from faq_deploy.perplexity import perplexity
@@ -65,7 +66,7 @@ def test_the_choice_beats_the_same_bytes_spent_evenly(default_model) -> None:
     rows = Calibration("speeches:1790-1989", 4, 256, 0).rows(tokenizer)
     held_out = eval_tokens(tokenizer, load_corpus("speeches:1990-1999"), 2048)
     table = budget.choices(default_model.model, SCHEME, rows)
-    units = budget.units(default_model.model)
+    units = packed_units(default_model.model)
     capacity = sum(options[0].bytes for options in table) + 3_000_000
     chosen = {name: table[u][i].scheme for u, i in enumerate(budget.solve(table, capacity)) for name in units[u] if i}
     evenly, spent = {}, sum(options[0].bytes for options in table)

@@ -40,7 +40,7 @@ def gpt2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("args,code,message", [
     (["eval", "--model", "./no/such/model"], 3, "no model at './no/such/model'"),
     (["eval", "--model", "pyproject.toml"], 3, "not a .gguf"),
-    (["quantize", "--bits", "5", "--out", "x"], 5, "bits=5 is not supported"),
+    (["quantize", "--bits", "6", "--out", "x"], 5, "bits=6 is not supported"),
     (["quantize", "--group", "24", "--out", "x"], 5, "group size 24 is not a power of two"),
     (["eval", "--text", "no-such-corpus"], 8, "no text at 'no-such-corpus'"),
     (["eval", "--tokens", "10"], 8, "do not fill one 1024-token window"),

@@ -28,6 +28,7 @@ from faq_deploy.export.graph import edited_graph, set_accuracy_levels
 from faq_deploy.export.options import EXPORTERS, TABLE_KINDS, ExportOptions
 from faq_deploy.export.parity import compare, onnx_logits
 from faq_deploy.export.qdq import QDQ_ACCURACY_LEVEL, set_session_level, to_qdq
+from faq_deploy.export.steps import export, finish
 from faq_deploy.export.tables import fake_quantize_tables, quantize_tables
 from faq_deploy.perplexity import perplexity
 from faq_deploy.quant import make_config, quantize
@@ -72,6 +73,27 @@ def test_level_4_keeps_perplexity_within_one_percent(exports: Exports, bits: int
     assert compare(loaded.model, decoder, eval_ids[:1000]).argmax_agreement >= MIN_AGREEMENT
     expected = perplexity(loaded.model, eval_ids).perplexity
     assert abs(perplexity(onnx_logits(decoder), eval_ids).perplexity / expected - 1) < 0.01
+
+
+def test_five_bit_codes_export_as_two_nodes_that_compute_what_torch_computes(eval_ids, tmp_path: Path) -> None:
+    """5-bit codes: the builder's node holds the low four bits, the build adds a 2-bit node beside it
+    for the fifth; symmetric, neither node stores zero points."""
+    loaded = models.load(None)
+    result = quantize(loaded.model, make_config("rtn", QuantScheme(5, 32, symmetric=True)))
+    folder = checkpoint.save(result, loaded.tokenizer, loaded.ref, tmp_path / "checkpoint")
+    options = ExportOptions(accuracy_level=0)
+    model_dir = export(folder, tmp_path / "model", options)
+    assert check_codes(model_dir, result.weights) == 210
+    read = checkpoint.load(folder)
+    assert all(torch.equal(read.weights[name].codes, w.codes) for name, w in result.weights.items())
+    finish(model_dir, read, options, result.config.scheme)
+    nodes = [n for n in onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    planes = [n for n in nodes if n.name.endswith("/plane/MatMulNBits")]
+    assert len(planes) == len(nodes) - len(planes) - 1 >= 30 * 4  # every block node has one; the head none
+    assert all(len(n.input) == 3 for n in nodes)
+    parity = compare(read.model, Decoder(model_dir), eval_ids[:1000])
+    assert parity.max_rel_diff <= 1e-4 and parity.argmax_agreement == 1.0, parity
 
 
 @BOTH

@@ -21,14 +21,15 @@ from faq_deploy import checkpoint, models
 from faq_deploy.cli import cli
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
 from faq_deploy.export.codes import check_codes
-from faq_deploy.export.graph import store_scales_in_float16
+from faq_deploy.export.graph import drop_default_zero_points, store_scales_in_float16
 from faq_deploy.export.offsets import add_offsets
 from faq_deploy.export.options import ExportOptions
 from faq_deploy.export.parity import compare
+from faq_deploy.export.planes import add_planes
 from faq_deploy.export.steps import export, finish
 from faq_deploy.jobs import quantize_loaded
 from faq_deploy.quant import make_config
-from faq_deploy.quant.gguf import FORMS, GgufFile, to_codes
+from faq_deploy.quant.gguf import FORMS, GgufFile, rounded_twice, to_codes, widened
 from faq_deploy.quant.packing import from_matmulnbits, to_matmulnbits
 from faq_deploy.quant.quantizer import QuantizedWeight
 from faq_deploy.quant.scheme import QuantScheme
@@ -36,6 +37,7 @@ from faq_runtime.model import Decoder
 
 # gguf-py quantizes these itself; the K-quants it only reads
 QUANTIZABLE = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0}
+WITH_MINIMUM = {T.Q4_1, T.Q5_1, T.Q4_K, T.Q5_K}
 EVERY_TYPE = pytest.mark.parametrize("qtype", list(FORMS), ids=lambda t: t.name)
 N, K = 24, 512
 
@@ -62,15 +64,36 @@ def test_each_block_type_becomes_codes_that_dequantize_to_llama_cpps_values_exac
     np.testing.assert_array_equal(weight.dequantize().numpy(), gguf.quants.dequantize(raw, qtype))
     assert weight.scheme.bits == form.bits and weight.scheme.group_size == form.group
     assert int(weight.codes.max()) <= weight.scheme.max_code
-    assert weight.scheme.offsets == (weight.offsets is not None) == bool(form.center)
-    # codes with offsets sit around the middle of their range (what level 4's int8 activations need)
-    # wherever the shifted offset is a float32: most groups even of random K-quant blocks
-    assert torch.all((weight.zeros == form.zero) | (weight.zeros == form.center))
-    assert (weight.zeros == (form.center or form.zero)).float().mean() > 0.5
+    assert weight.scheme.offsets == (weight.offsets is not None) == (qtype in WITH_MINIMUM)
+    # codes sit around the container's middle, MatMulNBits' default zero point (what level 4's int8
+    # activations need, and the graph then stores no zero points): every group of a type without a
+    # minimum; with one, wherever the shifted offset is a float32, most groups even of random K-quant blocks
+    middle = 1 << (form.bits - 1)
+    assert torch.all((weight.zeros == middle) | (weight.zeros == middle - form.zero))
+    assert (weight.zeros == middle).float().mean() > (0.5 if qtype in WITH_MINIMUM else 0.999)
+    assert weight.scheme.symmetric == bool(torch.all(weight.zeros == middle))
     back = from_matmulnbits(to_matmulnbits(weight), weight.scheme)
     for part in ("codes", "scales", "zeros", "offsets"):
         a, b = getattr(back, part), getattr(weight, part)
         assert (a is None and b is None) or torch.equal(a, b), part
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K, T.Q8_0], ids=lambda t: t.name)
+def test_a_weight_widened_to_8_bits_and_finer_groups_for_a_packed_node_keeps_its_values(qtype: T) -> None:
+    weight = to_codes(synthetic(qtype), qtype, (N, K))
+    wide = widened(weight, 16)
+    assert (wide.scheme.bits, wide.scheme.group_size, wide.scheme.symmetric) == (8, 16, weight.scheme.symmetric)
+    assert torch.equal(wide.dequantize(), weight.dequantize())
+    assert torch.equal(from_matmulnbits(to_matmulnbits(wide), wide.scheme).dequantize(), weight.dequantize())
+
+
+def test_a_table_rounded_two_ways_is_recognised_and_two_different_tables_are_not() -> None:
+    rng = np.random.default_rng(3)
+    table = (rng.standard_normal((64, 256)) * 0.05).astype(np.float32)
+    fine, coarse = (to_codes(gguf.quants.quantize(table, t), t, table.shape) for t in (T.Q8_0, T.Q5_0))
+    other = to_codes(gguf.quants.quantize(np.roll(table, 1, axis=0), T.Q8_0), T.Q8_0, table.shape)
+    assert rounded_twice(fine, coarse) and rounded_twice(coarse, fine)
+    assert not rounded_twice(fine, other) and not rounded_twice(fine, fine)  # the same codes: one table
 
 
 def _matmul_graph(weights: dict[str, QuantizedWeight], rank: int) -> onnx.ModelProto:
@@ -99,10 +122,19 @@ def test_matmulnbits_with_the_offsets_beside_it_computes_the_gguf_weights_produc
     weights = {f"w{i}": to_codes(synthetic(qtype, seed=i), qtype, (N, K)) for i in range(2)}
     model = _matmul_graph(weights, rank)
     added = add_offsets(model.graph, weights)
-    assert added == (2 if FORMS[qtype].center else 0)
+    assert added == (2 if qtype in WITH_MINIMUM else 0)
     # two nodes on one input share one set of group sums
     assert sum(n.name.endswith("group_sums_16/MatMul") or n.name.endswith("group_sums_32/MatMul")
                for n in model.graph.node) == (1 if added else 0)
+    # 5-bit codes: the fifth bits in a 2-bit node beside each
+    assert add_planes(model.graph, weights) == (2 if FORMS[qtype].bits == 5 else 0)
+    # zero points all at the default are not stored, and the nodes compute the same without them
+    packed = {name: to_matmulnbits(w) for name, w in weights.items()}
+    dropped = drop_default_zero_points(model.graph)
+    kept = sum(len(n.input) > 3 for n in model.graph.node if n.op_type == "MatMulNBits")
+    assert kept == sum((1 + (p.plane is not None)) * (not weights[name].scheme.symmetric) for name, p in packed.items())
+    assert dropped == sum(p.zero_points.nbytes + (0 if p.plane is None else p.plane.zero_points.nbytes)
+                          for name, p in packed.items() if weights[name].scheme.symmetric)
     store_scales_in_float16(model.graph)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     a = np.random.default_rng(1).standard_normal((2, 3, K)[-rank:]).astype(np.float32)
@@ -121,6 +153,9 @@ def test_gguf_needs_a_gguf_model_and_keeps_the_files_widths(tmp_path: Path, real
     assert result.exit_code == 5 and "--method gguf needs a GGUF model" in result.output, result.output
     result = CliRunner().invoke(cli, ["quantize", "--method", "gguf", "--budget", "100", "--out", str(tmp_path / "q")])
     assert result.exit_code == 5 and "drop --budget" in result.output, result.output
+    result = CliRunner().invoke(cli, ["quantize", "--method", "rtn", "--five-bit", "8bit",
+                                      "--out", str(tmp_path / "q")])
+    assert result.exit_code == 5 and "rtn does not take five_bit" in result.output, result.output
 
 
 @pytest.mark.heavy
@@ -145,6 +180,8 @@ def test_the_default_model_from_its_own_gguf_matches_the_float_model_at_level_0(
     head = next(n for n in graph.node if n.output[0] == "logits")
     lookup = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
     assert head.op_type == "MatMulNBits" and lookup.input[2:] == head.input[2:]  # the file's table, stored once
+    # every code, Q8_0's and the centred Q4_1's, sits at the default zero point: none are stored
+    assert all(len(n.input) == 3 for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized"))
     table = GgufFile(loaded.ref.gguf, loaded.model).codes("model.embed_tokens")
     init = {t.name: t for t in graph.initializer}
     stored = numpy_helper.to_array(init[head.input[1]], str(model_dir))

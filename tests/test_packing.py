@@ -90,6 +90,25 @@ def test_three_bit_codes_in_a_four_bit_node_are_exact(symmetric: bool) -> None:
     assert np.abs(run_matmulnbits(a, packed) - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_five_bit_codes_as_a_four_bit_and_a_two_bit_node_are_exact(symmetric: bool) -> None:
+    """Every zero point 0..31 (asymmetric) or 16 (symmetric, both nodes at their default zero point)."""
+    torch.manual_seed(6)
+    scheme = QuantScheme(bits=5, group_size=32, symmetric=symmetric)
+    quantized = quantize_weight(torch.randn(40, 256) + torch.linspace(-2, 2, 40)[:, None], scheme)
+    assert quantized.zeros.unique().tolist() == [16] if symmetric else len(quantized.zeros.unique()) > 20
+    packed = to_matmulnbits(quantized)
+    assert (packed.bits, packed.plane.bits) == (4, 2)
+    back = from_matmulnbits(packed, scheme)
+    assert torch.equal(back.codes, quantized.codes) and torch.equal(back.zeros, quantized.zeros)
+    if symmetric:
+        assert np.all(unpack(packed.zero_points, 4, 8) == 8) and np.all(unpack(packed.plane.zero_points, 2, 8) == 2)
+    a = np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)
+    expected = a.astype(np.float64) @ quantized.dequantize().double().numpy().T
+    y = run_matmulnbits(a, packed) + run_matmulnbits(a, packed.plane)
+    assert np.abs(y - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
 def test_fast_int8_path_agrees_closely() -> None:
     """accuracy_level 4 (int8 activations) is the CPU deployment path: close, not exact."""
     torch.manual_seed(4)

@@ -33,7 +33,7 @@ def reference(w: np.ndarray, bits: int, group: int, symmetric: bool) -> tuple[np
     return codes, deq
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("k", [64, 100])  # 100: a partial last group
 def test_codes_match_reference(bits: int, symmetric: bool, k: int) -> None:
@@ -87,7 +87,7 @@ def test_scheme_rejects_an_unknown_scale_dtype() -> None:
         QuantScheme(scale_dtype="bfloat16")
 
 
-@pytest.mark.parametrize("bits,group", [(5, 32), (1, 32), (4, 24), (4, 8), (4, 0)])
+@pytest.mark.parametrize("bits,group", [(6, 32), (1, 32), (4, 24), (4, 8), (4, 0)])
 def test_scheme_rejects_out_of_range(bits: int, group: int) -> None:
     with pytest.raises(InvalidQuantConfig):
         QuantScheme(bits=bits, group_size=group)

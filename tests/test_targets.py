@@ -288,6 +288,11 @@ def test_providers_weights_and_exporters_each_board_takes(tmp_path: Path) -> Non
                          ).problems == ()
     no_cuda = checks.assess(shipped.resolve("pi5"), QuantScheme(4, 32), fits, ExportOptions(provider="cuda")).problems
     assert "no CUDA execution provider" in no_cuda[0].cause
+    # 5-bit codes' second node is a 2-bit MatMulNBits: the CPU graph only
+    assert checks.assess(shipped.resolve("pi5"), QuantScheme(5, 32), fits).problems == ()
+    for options in (ExportOptions(provider="cuda"), ExportOptions(weights="qdq")):
+        five = checks.assess(shipped.resolve("jetson"), QuantScheme(5, 32, symmetric=True), fits, options).problems
+        assert "5-bit codes need a 2-bit MatMulNBits node" in five[0].cause and "--bits 4 or 8" in five[0].fix
     assert checks.assess(shipped.resolve("pi5"), QuantScheme(8, 32), fits, ExportOptions(exporter="dynamo")
                          ).problems == ()
 

@@ -102,6 +102,22 @@ def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return found
 
 
+_PACKED_TOGETHER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+def packed_units(model: nn.Module) -> list[tuple[str, ...]]:
+    """The Linears one exported node computes, by full name: q, k and v of a block (the
+    onnxruntime-genai builder packs them into one MatMulNBits node, so they share one width and
+    group), every other Linear alone."""
+    arch = architecture_of(model)
+    found = []
+    for index in range(len(model.get_submodule(arch.blocks))):
+        prefix = f"{arch.blocks}.{index}"
+        found.append(tuple(f"{prefix}.{name}" for name in arch.linears if name in _PACKED_TOGETHER))
+        found += [(f"{prefix}.{name}",) for name in arch.linears if name not in _PACKED_TOGETHER]
+    return found
+
+
 def active_groups(arch: Architecture, block: nn.Module) -> list[ScalingGroup]:
     """The scaling groups that apply to this block (shape guards resolved)."""
     return [g for g in arch.groups

@@ -7,15 +7,16 @@ MatMulNBits B rows, flattened), `<name>.scales` float32 [N, groups] and `<name>.
 records the method config whole (3-bit codes sit in a 4-bit container, so the container alone
 does not say what was done) and the source model. What the olive layout has no name for goes to
 faq_codes/codes.safetensors, out of the builder's sight (it reads every top-level .safetensors and
-refuses names it does not know): per-group `<name>.offsets`, and the vocabulary tables' codes when
-the method fixed them (a GGUF's), in the same four tensors per table.
+refuses names it does not know): per-group `<name>.offsets`, 5-bit codes' second node as
+`<name>.plane.qweight/.scales/.qzeros`, and the vocabulary tables' codes when the method fixed them (a
+GGUF's), in the same tensors per table.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,17 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def _olive_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """The three olive tensors of a weight, and its offsets (for CODES_FILE) when it has them."""
+    """The three olive tensors of a weight, and its offsets and plane (for CODES_FILE) when it has them."""
     packed = to_matmulnbits(weight)
-    return {
-        f"{name}.qweight": torch.from_numpy(packed.b.reshape(packed.n, -1)),
-        f"{name}.scales": torch.from_numpy(packed.scales),
-        f"{name}.qzeros": torch.from_numpy(packed.zero_points),
-        **({} if packed.offsets is None else {f"{name}.offsets": torch.from_numpy(packed.offsets)}),
-    }
+    return {**_node_tensors(name, packed),
+            **({} if packed.offsets is None else {f"{name}.offsets": torch.from_numpy(packed.offsets)}),
+            **({} if packed.plane is None else _node_tensors(f"{name}.plane", packed.plane))}
+
+
+def _node_tensors(name: str, packed: MatMulNBitsWeights) -> dict[str, torch.Tensor]:
+    return {f"{name}.qweight": torch.from_numpy(packed.b.reshape(packed.n, -1)),
+            f"{name}.scales": torch.from_numpy(packed.scales),
+            f"{name}.qzeros": torch.from_numpy(packed.zero_points)}
 
 
 def save(quantized: QuantizedModel, tokenizer: PreTrainedTokenizerBase, source: ModelRef,
@@ -84,10 +88,8 @@ def save(quantized: QuantizedModel, tokenizer: PreTrainedTokenizerBase, source: 
     codes = {}
     for name, weight in quantized.weights.items():
         state.pop(f"{name}.weight")
-        tensors = _olive_tensors(name, weight)
-        if (offsets := tensors.pop(f"{name}.offsets", None)) is not None:
-            codes[f"{name}.offsets"] = offsets
-        state.update(tensors)
+        for key, tensor in _olive_tensors(name, weight).items():  # what the olive layout names, and ours
+            (state if key.removeprefix(name) in _QUANT_SUFFIXES else codes)[key] = tensor
     for name, weight in quantized.tables.items():
         codes.update(_olive_tensors(name, weight))
 
@@ -115,18 +117,20 @@ def save(quantized: QuantizedModel, tokenizer: PreTrainedTokenizerBase, source: 
 
 def _read_weight(tensors: dict[str, torch.Tensor], name: str, k: int, scheme: QuantScheme,
                  codes: dict[str, torch.Tensor]) -> QuantizedWeight:
-    """One weight from its olive tensors in `tensors`, with its offsets from CODES_FILE's `codes`."""
-    qweight, scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
-    bits = scheme.container_bits
-    n, k_blocks = scales.shape
+    """One weight from its olive tensors in `tensors`, with its offsets and plane from CODES_FILE's `codes`."""
     offsets = codes.get(f"{name}.offsets")
-    packed = MatMulNBitsWeights(
-        b=qweight.numpy().reshape(n, k_blocks, scheme.group_size * bits // 8),
-        scales=scales.numpy(), zero_points=tensors[f"{name}.qzeros"].numpy(),
-        k=k, n=n, bits=bits, block_size=scheme.group_size,
-        offsets=None if offsets is None else offsets.numpy(),
-    )
+    plane = _read_node(codes, f"{name}.plane", k, scheme.plane_bits, scheme.group_size) if scheme.plane_bits else None
+    packed = replace(_read_node(tensors, name, k, scheme.container_bits, scheme.group_size), plane=plane,
+                     offsets=None if offsets is None else offsets.numpy())
     return from_matmulnbits(packed, scheme)
+
+
+def _read_node(tensors: dict[str, torch.Tensor], name: str, k: int, bits: int, group: int) -> MatMulNBitsWeights:
+    scales = tensors[f"{name}.scales"]
+    n, k_blocks = scales.shape
+    return MatMulNBitsWeights(b=tensors[f"{name}.qweight"].numpy().reshape(n, k_blocks, group * bits // 8),
+                              scales=scales.numpy(), zero_points=tensors[f"{name}.qzeros"].numpy(),
+                              k=k, n=n, bits=bits, block_size=group)
 
 
 def load(path: str | os.PathLike) -> Checkpoint:

@@ -17,6 +17,7 @@ from faq_deploy.architectures import block_linears, head_size
 from faq_deploy.errors import TargetError
 from faq_deploy.export.builder import BUILDER_BITS
 from faq_deploy.export.options import TABLE_SCHEMES, ExportOptions
+from faq_deploy.export.planes import planes_problem
 from faq_deploy.quant.packing import stored_bytes
 from faq_deploy.quant.scheme import MethodConfig, QuantScheme
 from faq_deploy.registry import Target
@@ -111,6 +112,8 @@ def _software_problems(target: Target, scheme: QuantScheme, export: ExportOption
     if export.exporter == "builder" and scheme.bits not in BUILDER_BITS:
         found.append(Problem(f"the builder does not carry {scheme.bits}-bit weights into MatMulNBits",
                              f"use --bits {' or '.join(map(str, BUILDER_BITS))}, or --exporter dynamo", False))
+    if scheme.plane_bits and (problem := planes_problem(export)):
+        found.append(Problem(problem, "use --bits 4 or 8, or build for the CPU provider", False))
     if export.provider == "cuda" and "CUDA" not in software.execution_providers:
         found.append(Problem(f"{target.name} has no CUDA execution provider for a CUDA graph",
                              "drop --provider cuda", False))

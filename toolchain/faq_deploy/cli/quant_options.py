@@ -11,6 +11,7 @@ from faq_deploy.data import Calibration
 from faq_deploy.quant import METHODS, make_config
 from faq_deploy.quant.awq import PROPAGATE, AwqConfig
 from faq_deploy.quant.faq import FUTURE_STATS, LAST_BLOCKS, OBJECTIVES, SCOPES, WINDOW_WEIGHTS, FaqConfig
+from faq_deploy.quant.gguf import FIVE_BIT_FORMS
 from faq_deploy.quant.scheme import ROUNDINGS, MethodConfig, QuantScheme
 
 DEFAULT_SCHEME = (4, 32)  # bits, group size
@@ -36,7 +37,8 @@ def method_option(default: str | None, help: str) -> Decorator:
 # Method knobs default to None, meaning "the method's own default" (see quant/awq.py, quant/faq.py).
 quant_options = _stack(
     click.option("--bits", type=int, default=None,
-                 help=f"Bits per weight: 2, 3, 4 or 8 [default: {DEFAULT_SCHEME[0]}, or the target's for build]."),
+                 help="Bits per weight: 2, 3, 4, 5 or 8 (5: a 4-bit and a 2-bit node) "
+                      f"[default: {DEFAULT_SCHEME[0]}, or the target's for build]."),
     click.option("--group", "group_size", type=int, default=None,
                  help=f"Input channels per quantization group, a power of two ≥ 16 [default: {DEFAULT_SCHEME[1]}, "
                       "or the target's for build]."),
@@ -53,6 +55,9 @@ quant_options = _stack(
                  help="Mixed precision: give the most sensitive Linears 8-bit codes (blocks of 128 or --group) so "
                       "that the exported weight files (model.onnx and its data) fill MB megabytes with the least "
                       "estimated loss; sensitivity from the calibration text [default: every Linear in --bits]."),
+    click.option("--five-bit", type=click.Choice(FIVE_BIT_FORMS), default=None,
+                 help="gguf: 5-bit blocks (Q5_0, Q5_1, Q5_K) in one 8-bit node (8.5 bits a weight), or as planes, "
+                      "a 4-bit and a 2-bit node (7 bits: smaller, slower, CPU graphs only) [default: 8bit]."),
     click.option("--calib", "calib_text", default="speeches-calib", show_default=True, metavar="TEXT",
                  help="awq/faq/gptq: calibration text (same forms as --text)."),
     click.option("--samples", type=click.IntRange(min=1), default=32, show_default=True,

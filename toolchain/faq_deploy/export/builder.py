@@ -20,10 +20,11 @@ from faq_runtime.files import staged_dir
 # the default model (RTN w4 g32 blocks, 4,096 eval tokens) that costs 9% perplexity (23.32 → 25.46),
 # so it leaves them float and `faq_deploy.export.tables` stores our codes of them instead.
 _FLOAT_NODES = f"{LM_HEAD_NODE},{EMBEDDING_NODE}"
-# Widths the builder carries from a checkpoint into MatMulNBits nodes (3-bit codes in 4-bit containers), a
-# module's own width and group too (the checkpoint's overrides: a byte budget's 8-bit Linears). 8 bits
-# checked on builder 0.18: our codes arrive byte for byte, level-0 logits equal torch's to 2e-6.
-BUILDER_BITS = (3, 4, 8)
+# Widths the builder carries from a checkpoint into MatMulNBits nodes (3-bit codes in 4-bit containers; of
+# 5-bit codes it sees the low four bits, faq_deploy.export.planes adds the fifth), a module's own width and
+# group too (the checkpoint's overrides: a byte budget's 8-bit Linears). 8 bits checked on builder 0.18:
+# our codes arrive byte for byte, level-0 logits equal torch's to 2e-6.
+BUILDER_BITS = (3, 4, 5, 8)
 
 
 def export_builder(checkpoint: Path, out: Path, options: ExportOptions) -> Path:

@@ -19,7 +19,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from faq_deploy.errors import ExportError
 from faq_deploy.export.options import ExportOptions
-from faq_deploy.quant.packing import exact_in_float16, to_matmulnbits
+from faq_deploy.quant.packing import exact_in_float16, to_matmulnbits, unpack
 from faq_deploy.quant.quantizer import QuantizedWeight
 
 MODEL_FILE = "model.onnx"
@@ -65,6 +65,39 @@ def store_scales_in_float16(graph: onnx.GraphProto, base_dir: str = "") -> int:
                                                    to=onnx.TensorProto.FLOAT))
         saved += half.nbytes
     return saved
+
+
+def drop_default_zero_points(graph: onnx.GraphProto, base_dir: str = "") -> int:
+    """Drop the zero points input of every MatMulNBits and GatherBlockQuantized node whose zero points
+    are all the op's default, 2^(bits-1) (symmetric codes, a GGUF's centred blocks): the exporters
+    always write them, and they cost a byte per one to four blocks (4.3 MB of a 151,936-row 8-bit
+    table). `base_dir` as for `store_scales_in_float16`. Returns the bytes dropped."""
+    init = {t.name: t for t in graph.initializer}
+    default: dict[str, bool] = {}
+    for node in (n for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")):
+        name = node.input[3] if len(node.input) > 3 else ""
+        if name not in init:
+            continue
+        if name not in default:
+            attributes = {a.name: a.i for a in node.attribute}
+            bits = attributes["bits"]
+            # blocks per row: the lookup's scales are [rows, blocks] (its table may be a Reshape's output)
+            blocks = (-(-attributes["K"] // attributes["block_size"]) if node.op_type == "MatMulNBits"
+                      else init[node.input[2]].dims[-1])
+            packed = numpy_helper.to_array(init[name], base_dir).reshape(-1, -(-blocks * bits // 8))
+            zeros = unpack(packed, bits, blocks)
+            default[name] = bool(np.all(zeros == 1 << (bits - 1)))
+        if default[name]:
+            node.input[3] = ""
+    dropped = 0
+    for name, drop in default.items():
+        if drop and not any(name in n.input for n in graph.node):
+            dropped += numpy_helper.to_array(init[name], base_dir).nbytes
+            graph.initializer.remove(init[name])
+    for node in graph.node:  # an empty optional input at the end is left out altogether
+        while node.input and not node.input[-1]:
+            del node.input[-1]
+    return dropped
 
 
 def set_accuracy_levels(graph: onnx.GraphProto, options: ExportOptions) -> int:
@@ -117,6 +150,17 @@ def save_graph(model: onnx.ModelProto, folder: Path) -> None:
                 tensor.external_data.add(key=key, value=str(value))
     fresh.replace(data)
     onnx.save_model(model, str(folder / MODEL_FILE))
+
+
+def add_to_output(graph: onnx.GraphProto, node: onnx.NodeProto, term: list[onnx.NodeProto], name: str) -> None:
+    """Make `node`'s output its own result plus the output of `term` (nodes computing a side term, the
+    last one's output added), inserted right after it; `name` prefixes the Add node and its input."""
+    output, partial = node.output[0], f"{node.output[0]}/without_{name.rsplit('/', 1)[-1]}"
+    node.output[0] = partial
+    at = list(graph.node).index(node) + 1
+    for offset, side in enumerate([*term, onnx.helper.make_node("Add", [partial, term[-1].output[0]], [output],
+                                                                name=f"{name}/Add")]):
+        graph.node.insert(at + offset, side)
 
 
 def replace_node(graph: onnx.GraphProto, node: onnx.NodeProto, weight: QuantizedWeight, op_type: str, prefix: str,

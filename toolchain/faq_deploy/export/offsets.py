@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from faq_deploy.errors import ExportError
 from faq_deploy.export.codes import node_modules
-from faq_deploy.export.graph import OFFSETS_MATMUL
+from faq_deploy.export.graph import OFFSETS_MATMUL, add_to_output
 from faq_deploy.quant.quantizer import QuantizedWeight
 
 SUFFIX = OFFSETS_MATMUL.removesuffix("/MatMul")  # the offsets table's name ends in it
@@ -46,11 +46,8 @@ def add_offsets(graph: onnx.GraphProto, weights: dict[str, QuantizedWeight]) -> 
         key = (node.input[0], group)
         if key not in sums:
             sums[key] = _group_sums(graph, init, node, k, group, dtype)
-        output, partial, side = node.output[0], f"{node.output[0]}/without_offsets", f"{name}/MatMul/output_0"
-        node.output[0] = partial
-        at = list(graph.node).index(node) + 1
-        graph.node.insert(at, onnx.helper.make_node("MatMul", [sums[key], name], [side], name=f"{name}/MatMul"))
-        graph.node.insert(at + 1, onnx.helper.make_node("Add", [partial, side], [output], name=f"{name}/Add"))
+        add_to_output(graph, node, [onnx.helper.make_node("MatMul", [sums[key], name], [f"{name}/MatMul/output_0"],
+                                                          name=f"{name}/MatMul")], name)
         done += 1
     return done
 

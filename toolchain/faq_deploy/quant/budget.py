@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from faq_deploy.architectures import architecture_of
+from faq_deploy.architectures import packed_units
 from faq_deploy.errors import InvalidQuantConfig
 from faq_deploy.progress import progress
 from faq_deploy.quant import compute_device
@@ -34,7 +34,6 @@ from faq_deploy.quant.scheme import QuantScheme
 UPGRADE_BITS = 8
 UPGRADE_GROUPS = (128,)
 BYTES_STEP = 4096
-_PACKED_TOGETHER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
 @dataclass(frozen=True)
@@ -42,17 +41,6 @@ class Choice:
     scheme: QuantScheme
     bytes: int
     damage: float
-
-
-def units(model: PreTrainedModel) -> list[tuple[str, ...]]:
-    """The Linears that choose together, by full name: q/k/v of a block, every other Linear alone."""
-    arch = architecture_of(model)
-    found = []
-    for index in range(len(model.get_submodule(arch.blocks))):
-        prefix = f"{arch.blocks}.{index}"
-        found.append(tuple(f"{prefix}.{name}" for name in arch.linears if name in _PACKED_TOGETHER))
-        found += [(f"{prefix}.{name}",) for name in arch.linears if name not in _PACKED_TOGETHER]
-    return found
 
 
 def options_for(scheme: QuantScheme, widths: set[int]) -> list[QuantScheme]:
@@ -89,7 +77,7 @@ def fisher(model: PreTrainedModel, calibration: torch.Tensor, names: list[str]) 
 
 def choices(model: PreTrainedModel, scheme: QuantScheme, calibration: torch.Tensor) -> list[list[Choice]]:
     """Each unit's options, with bytes and damage."""
-    grouped = units(model)
+    grouped = packed_units(model)
     weights = fisher(model, calibration, [name for unit in grouped for name in unit])
     table = []
     for unit in grouped:
@@ -143,7 +131,7 @@ def allocate(model: PreTrainedModel, scheme: QuantScheme, calibration: torch.Ten
     table = choices(model.to(compute_device()), scheme, calibration.to(compute_device()))
     model.to(device)
     overrides = {}
-    for unit, options, pick in zip(units(model), table, solve(table, capacity), strict=True):
+    for unit, options, pick in zip(packed_units(model), table, solve(table, capacity), strict=True):
         for name in unit:
             if options[pick].scheme != scheme:
                 overrides[name] = options[pick].scheme

@@ -2,23 +2,34 @@
 
 Every common llama.cpp block is a scale times an integer code around a zero point, some plus a
 per-block minimum; each maps onto MatMulNBits' layout without rounding (the minimum as a per-group
-offset, which the export adds beside the node):
+offset, which the export adds beside the node). The codes are shifted so that each group's zero point
+is the container's middle, MatMulNBits' default, which the graph then does not store:
 
-    type   weights = ...                 container      group  zero  offset
-    Q4_0   d·(q − 8)                     4-bit          32     8     -
-    Q4_1   d·q + m                       4-bit          32     8     m + 8d
-    Q5_0   d·(q − 16)                    8-bit          32     16    -
-    Q5_1   d·q + m                       8-bit          32     16    m + 16d
-    Q8_0   d·q (q signed)                8-bit          32     128   -
-    Q4_K   (d·sc)·q − dmin·mn            4-bit          32     8     −dmin·mn + 8·d·sc
-    Q5_K   (d·sc)·q − dmin·mn            8-bit          32     16    −dmin·mn + 16·d·sc
-    Q6_K   (d·sc)·(q − 32)               8-bit          16     32    -
+    type   weights = ...                 code bits      group  stored code   zero  offset
+    Q4_0   d·(q − 8)                     4-bit          32     q             8     -
+    Q4_1   d·q + m                       4-bit          32     q             8     m + 8d
+    Q5_0   d·(q − 16)                    5-bit          32     q             16    -
+    Q5_1   d·q + m                       5-bit          32     q             16    m + 16d
+    Q8_0   d·q (q signed)                8-bit          32     q + 128       128   -
+    Q4_K   (d·sc)·q − dmin·mn            4-bit          32     q             8     −dmin·mn + 8·d·sc
+    Q5_K   (d·sc)·q − dmin·mn            5-bit          32     q             16    −dmin·mn + 16·d·sc
+    Q6_K   (d·sc)·(q − 32)               8-bit          16     q + 96        128   -
 
-(codes with offsets are centred where the shifted offset is exact, see `to_codes`; else zero 0.)
+(a group whose shifted offset is not exact in float32 keeps its offset and takes the shift as its
+zero point instead, see `to_codes`.) 5-bit codes travel in one 8-bit node (8.5 bits a weight with
+float16 scales), or with `five_bit="planes"` as a 4-bit node plus a 2-bit node (7 bits, packing.py):
+the file's own size, but onnxruntime's 2-bit CPU kernel is its slowest. On Qwen2.5-Coder-0.5B's
+Q4_K_M file (mostly Q5_0) the planes make a 485 MB bundle against 530, and decode 14% and prefill
+50% slower on this 2-core x86 host (docs/results/qwen2.5-coder-0.5b/frontier.md).
 The float operations are llama.cpp's own (gguf-py's dequantizers compute the same), so each weight
 dequantizes to the value transformers reads from the file, which the method checks tensor by tensor.
 A tensor of any other type (float, the i-quants, Q2_K/Q3_K) is re-quantized by RTN in the method's
 scheme, and the build says which.
+
+A file may hold the vocabulary table twice, rounded two ways (Qwen2.5's tied table: the output Q8_0,
+the lookup Q5_0). Where each value of the two lies within a step of each other's, the bundle keeps the
+finer one for both uses and stores it once: the lookup then reads the original table more closely than
+the file's coarser copy, and the bundle saves a table (145 MB on Qwen2.5-Coder-0.5B).
 """
 
 from __future__ import annotations
@@ -35,38 +46,45 @@ from gguf.quants import Q4_K
 from torch import nn
 from transformers import PreTrainedModel
 
-from faq_deploy.architectures import block_linears
+from faq_deploy.architectures import block_linears, packed_units
 from faq_deploy.errors import InvalidQuantConfig
 from faq_deploy.progress import progress
 from faq_deploy.quant.packing import exact_in_float16
-from faq_deploy.quant.quantizer import QuantizedWeight, quantize_linear_
+from faq_deploy.quant.quantizer import ROWS_PER_SLICE, QuantizedWeight, quantize_linear_, widened
 from faq_deploy.quant.scheme import MethodConfig, QuantScheme
 
 T = gguf.GGMLQuantizationType
 # Vocabulary tables by module name: their codes go to the export's table nodes, not the builder.
 TABLES = ("lm_head", "model.embed_tokens")
+FIVE_BIT_FORMS = ("8bit", "planes")
 
 
 @dataclass(frozen=True)
 class GgufConfig(MethodConfig):
     """`source`: the GGUF file the model was read from (filled in from the loaded model); `scheme`:
-    the RTN fallback for tensors without an exact form."""
+    the RTN fallback for tensors without an exact form; `five_bit`: how 5-bit blocks travel, in one
+    8-bit node ("8bit") or as a 4-bit and a 2-bit node ("planes")."""
 
     method: ClassVar[str] = "gguf"
     source: str = ""
+    five_bit: str = "8bit"  # one of FIVE_BIT_FORMS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.five_bit not in FIVE_BIT_FORMS:
+            raise InvalidQuantConfig(f"five_bit={self.five_bit!r} is not a form", f"use {' or '.join(FIVE_BIT_FORMS)}")
 
 
 @dataclass(frozen=True)
 class Form:
-    """How one block type lands in MatMulNBits: container bits, group, the zero point every group has,
-    `decode`: blocks uint8 [B, type bytes] → codes [B, weights], scales and offsets [B, groups], and for
-    a type with offsets the middle of its codes' range (`center`)."""
+    """How one block type lands in MatMulNBits: code bits, group, `decode`: blocks uint8
+    [B, type bytes] → codes [B, weights], scales and offsets [B, groups], and `zero`: the codes' own
+    zero point (a type without offsets) or the middle of their range (with offsets)."""
 
     bits: int
     group: int
     zero: int
     decode: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
-    center: int = 0
 
 
 def _half(raw: np.ndarray) -> np.ndarray:
@@ -137,40 +155,44 @@ def _q6_k(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
 
 
 FORMS: dict[T, Form] = {
-    T.Q4_0: Form(4, 32, 8, _q4_0), T.Q4_1: Form(4, 32, 0, _q4_1, center=8),
-    T.Q5_0: Form(8, 32, 16, _q5_0), T.Q5_1: Form(8, 32, 0, _q5_1, center=16),
+    T.Q4_0: Form(4, 32, 8, _q4_0), T.Q4_1: Form(4, 32, 8, _q4_1),
+    T.Q5_0: Form(5, 32, 16, _q5_0), T.Q5_1: Form(5, 32, 16, _q5_1),
     T.Q8_0: Form(8, 32, 128, _q8_0),
-    T.Q4_K: Form(4, 32, 0, _q4_k, center=8), T.Q5_K: Form(8, 32, 0, _q5_k, center=16),
+    T.Q4_K: Form(4, 32, 8, _q4_k), T.Q5_K: Form(5, 32, 16, _q5_k),
     T.Q6_K: Form(8, 16, 32, _q6_k),
 }
 
 
 def to_codes(data: np.ndarray, qtype: T, shape: tuple[int, int]) -> QuantizedWeight:
     """A GGUF tensor's raw blocks (uint8 [rows, row bytes]) as our codes of the weight [N, K] = `shape`,
-    dequantizing to exactly what llama.cpp computes. Its scheme stores scales in float16 where every
-    scale and offset is a float16 value (the simple types' are; products like d·sc often are not)."""
+    dequantizing to exactly what llama.cpp computes. Its scheme is symmetric where every zero point is
+    the container's default, and stores scales in float16 where every scale and offset is a float16
+    value (the simple types' are; products like d·sc often are not)."""
     form = FORMS[qtype]
     n, k = shape
     block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
     codes, scales, offsets = form.decode(np.ascontiguousarray(data).reshape(-1, block_bytes))
     groups = k // form.group
+    middle = 1 << (form.bits - 1)
+    codes = codes.astype(np.uint8) + np.uint8(middle - form.zero)  # q − zero = stored code − middle
     scales = scales.reshape(n, groups)
-    zeros = np.full((n, groups), form.zero, dtype=np.uint8)
+    zeros = np.full((n, groups), middle, dtype=np.uint8)
     if offsets is not None:
         offsets = offsets.reshape(n, groups)
-        # Codes around their zero point: at accuracy level 4 the int8 rounding of the activations meets
-        # q − z, and codes all ≥ 0 add it up (default model: 92.5% next-token agreement uncentered). The
-        # offset takes the shift back in each group where o + c·s is a float32 (all of SmolLM2's Q4_1):
-        # (q − c)·s + (o + c·s) is then the same real number, so the same float, as q·s + o.
-        shifted = offsets.astype(np.float64) + form.center * scales.astype(np.float64)
+        # Codes around the container's middle: at accuracy level 4 the int8 rounding of the activations
+        # meets q − z, and codes all ≥ 0 add it up (default model: 92.5% next-token agreement uncentered).
+        # The offset takes the shift back in each group where o + zero·s is a float32 (all of SmolLM2's
+        # Q4_1): (q − zero)·s + (o + zero·s) is then the same real number, so the same float, as q·s + o.
+        # Elsewhere the group keeps its offset, and its zero point undoes the codes' shift.
+        shifted = offsets.astype(np.float64) + form.zero * scales.astype(np.float64)
         exact = shifted.astype(np.float32) == shifted
         offsets = np.where(exact, shifted, offsets).astype(np.float32)
-        zeros[exact] = form.center
+        zeros[~exact] = middle - form.zero
     half = exact_in_float16(scales) and (offsets is None or exact_in_float16(offsets))
-    scheme = QuantScheme(bits=form.bits, group_size=form.group, offsets=offsets is not None,
-                         scale_dtype="float16" if half else "float32")
+    scheme = QuantScheme(bits=form.bits, group_size=form.group, symmetric=bool(np.all(zeros == middle)),
+                         offsets=offsets is not None, scale_dtype="float16" if half else "float32")
     return QuantizedWeight(
-        codes=torch.from_numpy(codes.reshape(n, k).astype(np.uint8)),
+        codes=torch.from_numpy(codes.reshape(n, k)),
         scales=torch.from_numpy(np.ascontiguousarray(scales)),
         zeros=torch.from_numpy(zeros),
         scheme=scheme,
@@ -178,10 +200,9 @@ def to_codes(data: np.ndarray, qtype: T, shape: tuple[int, int]) -> QuantizedWei
     )
 
 
-def _rows(weight: QuantizedWeight, order: np.ndarray) -> QuantizedWeight:
-    index = torch.from_numpy(order)
-    return QuantizedWeight(weight.codes[index], weight.scales[index], weight.zeros[index], weight.scheme,
-                           None if weight.offsets is None else weight.offsets[index])
+def _rows(weight: QuantizedWeight, rows: torch.Tensor | slice) -> QuantizedWeight:
+    return QuantizedWeight(weight.codes[rows], weight.scales[rows], weight.zeros[rows], weight.scheme,
+                           None if weight.offsets is None else weight.offsets[rows])
 
 
 def _unpermuted_rows(n: int, heads: int) -> np.ndarray:
@@ -221,7 +242,7 @@ class GgufFile:
         weight = to_codes(tensor.data, tensor.tensor_type, (n, k))
         if self.arch == "llama" and gguf_name.endswith(("attn_q", "attn_k")):
             heads = self.config.num_attention_heads if gguf_name.endswith("attn_q") else self.config.num_key_value_heads
-            weight = _rows(weight, _unpermuted_rows(n, heads))
+            weight = _rows(weight, torch.from_numpy(_unpermuted_rows(n, heads)))
         return weight
 
 
@@ -248,7 +269,36 @@ def quantize_gguf(model: PreTrainedModel, config: GgufConfig, calibration: torch
             raise InvalidQuantConfig(f"the GGUF's codes for {name} do not dequantize to the weight transformers "
                                      "read from the same file", "report this file's architecture")
         weights[name] = found
+    if config.five_bit == "8bit":
+        weights = {name: widened(w) if w.scheme.bits == 5 else w for name, w in weights.items()}
+    for unit in packed_units(model):  # q, k, v are one node: one width and group (Q4_K_M files mix Q4_K, Q6_K)
+        if len({(weights[m].scheme.bits, weights[m].scheme.group_size) for m in unit}) > 1:
+            group = min(weights[m].scheme.group_size for m in unit)
+            weights.update({m: widened(weights[m], group) for m in unit})
     for name, why in fallbacks.items():
         print(f"note: {name}: {why}; " + ("the export's table option applies" if name in TABLES else
               f"re-quantized by RTN w{config.scheme.bits} g{config.scheme.group_size}"), file=sys.stderr)
+    if all(name in weights for name in TABLES) and rounded_twice(*(weights[name] for name in TABLES)):
+        finer, coarser = sorted(TABLES, key=lambda name: weights[name].scales.abs().mean().item())
+        weights[coarser] = weights[finer]
+        modules[coarser].weight.data.copy_(weights[finer].dequantize())  # the torch model reads what ships
+        print(f"note: {coarser}: the file holds the vocabulary table twice, rounded two ways; the finer "
+              f"copy ({finer}'s) serves both and is stored once", file=sys.stderr)
     return weights
+
+
+def rounded_twice(a: QuantizedWeight, b: QuantizedWeight) -> bool:
+    """Whether two different tables are one table rounded two ways: every pair of values within one
+    step of each table (a round to nearest leaves a value within half a step of the original; Q5_0's
+    clamp at its top code, within one). Two independent tables of a vocabulary differ by many steps."""
+    if a.shape != b.shape or all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("codes", "scales", "zeros")):
+        return False
+    for start in range(0, a.shape[0], ROWS_PER_SLICE):
+        rows = slice(start, start + ROWS_PER_SLICE)
+        part_a, part_b = (_rows(w, rows) for w in (a, b))
+        step = (part_a.scales.abs().repeat_interleave(a.scheme.group_size, dim=1)
+                + part_b.scales.abs().repeat_interleave(b.scheme.group_size, dim=1))
+        if not bool(((part_a.dequantize() - part_b.dequantize()).abs() <= step).all()):
+            return False
+    return True
+

@@ -124,3 +124,19 @@ def quantize_linear_(linear: nn.Linear | nn.Embedding, scheme: QuantScheme) -> Q
     quantized = quantize_weight(linear.weight, scheme)
     linear.weight.copy_(quantized.dequantize().to(linear.weight.dtype))
     return quantized
+
+
+def widened(weight: QuantizedWeight, group: int | None = None) -> QuantizedWeight:
+    """The same weights as 8-bit codes in groups of `group` (a divisor of the weight's own; default its
+    own): exact, codes and zero points shifted alike, each group's scale, zero point and offset repeated.
+    For a node that must hold codes of several widths, or codes of a width it cannot take."""
+    shift = 128 - (1 << (weight.scheme.bits - 1))  # symmetric codes stay symmetric
+    group = group or weight.scheme.group_size
+    repeat = weight.scheme.group_size // group
+
+    def spread(values: torch.Tensor) -> torch.Tensor:
+        return values.repeat_interleave(repeat, dim=1)
+
+    return QuantizedWeight(weight.codes + shift, spread(weight.scales), spread(weight.zeros) + shift,
+                           replace(weight.scheme, bits=8, group_size=group),
+                           None if weight.offsets is None else spread(weight.offsets))

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from faq_deploy.errors import InvalidQuantConfig
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 8)
 SCALE_DTYPES = ("float32", "float16")
 
 
@@ -15,12 +15,14 @@ SCALE_DTYPES = ("float32", "float16")
 class QuantScheme:
     """Groups of `group_size` consecutive input channels per output row, `bits` per code.
 
-    Asymmetric (default): integer zero point per group. Symmetric: codes offset by 2^(bits-1).
+    Asymmetric (default): integer zero point per group. Symmetric: codes offset by 2^(bits-1), which for
+    4- and 8-bit codes is MatMulNBits' default zero point, so the graph stores none.
     `scale_dtype` is the precision the scales are stored in: a float16 graph (CUDA) holds its
     MatMulNBits scales in float16, so they are rounded to it before the codes are chosen, and the
     codes, the torch model and the graph all agree on the same scales.
     `offsets`: each group also adds a float offset, (q − z)·scale + offset: the form of GGUF's blocks
-    with a minimum (Q4_1, Q5_1, the K-quants), which no integer zero point can hold (quant/gguf.py).
+    with a minimum (Q4_1, Q5_1, the K-quants), which no integer zero point can hold (quant/gguf.py);
+    with `symmetric` too, the offset holds all of each group's shift.
     """
 
     bits: int = 4
@@ -37,8 +39,6 @@ class QuantScheme:
         if g < 16 or g & (g - 1):
             raise InvalidQuantConfig(f"group size {g} is not a power of two ≥ 16",
                                      "use 16, 32, 64, 128 or 256")
-        if self.offsets and self.symmetric:
-            raise InvalidQuantConfig("a scheme with offsets stores its zero points", "drop --symmetric")
         if self.scale_dtype not in SCALE_DTYPES:
             raise InvalidQuantConfig(f"scale dtype {self.scale_dtype!r} is not supported",
                                      f"use {' or '.join(SCALE_DTYPES)}")
@@ -49,9 +49,16 @@ class QuantScheme:
 
     @property
     def container_bits(self) -> int:
-        """Bits of the MatMulNBits node that stores these codes: no kernel takes bits=3, so 3-bit
-        codes travel in a 4-bit container (exact: codes < 8 are valid 4-bit codes)."""
-        return 4 if self.bits == 3 else self.bits
+        """Bits of the MatMulNBits node that stores these codes: no kernel takes bits=3 or 5, so 3-bit
+        codes travel in a 4-bit container (exact: codes < 8 are valid 4-bit codes), and 5-bit codes
+        keep their low four bits there and the fifth in a second node (`plane_bits`)."""
+        return 4 if self.bits in (3, 5) else self.bits
+
+    @property
+    def plane_bits(self) -> int:
+        """Bits of the second MatMulNBits node beside the container, 0 for none: 5-bit codes take 4 + 2
+        bits there (quant/packing.py), against 8 in one 8-bit container."""
+        return 2 if self.bits == 5 else 0
 
 
 ROUNDINGS = ("nearest", "gptq")
