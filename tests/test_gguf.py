@@ -3,6 +3,9 @@ sessions, and the default model built from its own GGUF file."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from pathlib import Path
 
 import gguf
@@ -12,6 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
+from commands import FAQ_DEPLOY
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from onnx import TensorProto, numpy_helper
@@ -193,3 +197,66 @@ def test_the_default_model_from_its_own_gguf_matches_the_float_model_at_level_0(
     ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus("speeches-eval"), 1000)
     parity = compare(models.load(None).model, Decoder(model_dir), ids)
     assert parity.max_rel_diff <= 1e-4 and parity.argmax_agreement == 1.0, parity
+
+
+def rewritten(source: Path, out: Path, changes: dict[str, tuple[str, T]]) -> Path:
+    """`source` written again with `changes`: tensor name → (the tensor whose values it takes, its new
+    type), each re-quantized by the gguf package from the dequantized values."""
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(out, str(reader.fields["general.architecture"].contents()))
+    for field in reader.fields.values():
+        if field.name != gguf.Keys.General.ARCHITECTURE and not field.name.startswith("GGUF."):
+            kind = field.types[0]
+            writer.add_key_value(field.name, field.contents(), kind,
+                                 sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    tensors = {t.name: (t.data, t.tensor_type) for t in reader.tensors}
+    for name, (origin, qtype) in changes.items():
+        values = gguf.quants.dequantize(*tensors[origin])
+        tensors[name] = (values if qtype == T.F32 else gguf.quants.quantize(values, qtype), qtype)
+    for name, (array, qtype) in tensors.items():
+        writer.add_tensor_info(name, array.shape, array.dtype, array.nbytes, qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for array, _ in tensors.values():
+        writer.write_tensor_data(array)
+    writer.close()
+    return out
+
+
+@pytest.mark.heavy
+def test_a_build_says_which_tensors_left_the_files_codes_and_why(real_cache: Path, tmp_path: Path) -> None:
+    """The default model's file with one block weight in float32 (no exact form) and its table held
+    twice, as Qwen2.5's files hold theirs (the head Q8_0, the lookup Q5_0): the float weight is
+    re-quantized by RTN, the finer table serves both uses, and the summary, REPORT.md and the
+    manifest say so."""
+    source = models.fetch_embedded()
+    file = rewritten(source, tmp_path / "rewritten.gguf", {
+        "blk.0.ffn_down.weight": ("blk.0.ffn_down.weight", T.F32),
+        "output.weight": ("token_embd.weight", T.Q8_0), "token_embd.weight": ("token_embd.weight", T.Q5_0)})
+    cache = tmp_path / "cache"  # the file's float copy goes here, not into the user's cache
+    cache.mkdir()
+    (cache / "text").symlink_to(real_cache / "text")
+    out = tmp_path / "bundle"
+    done = subprocess.run([*FAQ_DEPLOY, "build", "--model", str(file), "--method", "gguf", "--target", "x86",
+                           "--eval-tokens", "256", "--out", str(out), "--json"],
+                          capture_output=True, text=True, env={**os.environ, "FAQ_DEPLOY_CACHE": str(cache)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    fallback = "blk.0.ffn_down.weight is F32, which has no exact MatMulNBits form"
+    notes = [f"model.layers.0.mlp.down_proj: {fallback}; re-quantized by RTN w4 g32",
+             "model.embed_tokens: the file holds the vocabulary table twice, rounded two ways; the finer copy "
+             "(lm_head's) serves both and is stored once"]
+    assert json.loads(done.stdout)["notes"] == notes
+    assert all(f"note: {note}" in done.stderr for note in notes)
+    assert all(f"- {note}" in (out / "REPORT.md").read_text() for note in notes)
+    quantization = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert quantization["fallbacks"] == {"model.layers.0.mlp.down_proj": fallback}
+    assert quantization["shared_table"] == "lm_head"
+    # the float weight took the method's RTN scheme; its neighbours keep the file's Q4_1 (with offsets)
+    assert "model.layers.0.mlp.down_proj" not in quantization["overrides"]
+    assert quantization["overrides"]["model.layers.1.mlp.down_proj"]["offsets"]
+    graph = onnx.load(str(out / "model" / "model.onnx"), load_external_data=False).graph
+    head = next(n for n in graph.node if n.output[0] == "logits")
+    lookup = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    rows = next(n for n in graph.node if n.output[0] == lookup.input[0])  # the head's codes, reshaped
+    assert rows.input[0] == head.input[1] and lookup.input[2:] == head.input[2:]

@@ -68,6 +68,7 @@ class BuildResult:
     too_small_gb: list[float]
     decode_ceiling_tokens_s: float | None
     warnings: list[str]          # problems --force built past
+    notes: list[str]             # modules the method treated apart from its rule, and why (a GGUF's fallbacks)
     tar: str | None              # <bundle>.tar when asked for
     perplexity_float: float
     perplexity_bundle: float
@@ -212,7 +213,7 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
                 kv_cache_bytes=footprint.kv_cache_bytes, memory_bytes=footprint.total_bytes, context=context,
                 fits_gb=list(fit.fits_gb), too_small_gb=list(fit.too_small_gb),
                 decode_ceiling_tokens_s=fit.decode_ceiling_tokens_s,
-                warnings=[p.cause for p in fit.problems],
+                warnings=[p.cause for p in fit.problems], notes=config.notes,
                 perplexity_float=round(before.perplexity, 4), perplexity_bundle=round(after.perplexity, 4),
                 eval_tokens=before.tokens, parity=asdict(parity))
             sections = {
@@ -255,6 +256,7 @@ def summary(result: BuildResult, target: Target) -> list[str]:
         f"parity     {result.parity['argmax_agreement']:.2%} next-token agreement with the torch model",
         f"time       {sum(result.seconds.values()):.0f} s ({seconds})",
         f"rss        {max(result.peak_rss_bytes.values()) / 1e9:.2f} GB at the build's peak ({peaks})",
+        *(f"note       {note}" for note in result.notes),
     ]
 
 
@@ -274,6 +276,8 @@ def report(result: dict[str, Any], target: Target, parity: Parity) -> str:
         f"max relative logit difference {parity.max_rel_diff:.2e} over {parity.tokens} tokens |",
     ]
     lines += [f"| {key} | {value} |" for key, value in fit_lines(result, target).items()]
+    if result["notes"]:
+        lines += ["", "## Notes", "", *(f"- {note}" for note in result["notes"])]
     return "\n".join(lines) + "\n"
 
 

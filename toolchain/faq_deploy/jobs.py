@@ -15,7 +15,7 @@ from faq_deploy.export.options import ExportOptions
 from faq_deploy.export.parity import onnx_logits
 from faq_deploy.perplexity import perplexity
 from faq_deploy.quant import QuantizedModel, budget, compute_device, quantize
-from faq_deploy.quant.gguf import GgufConfig
+from faq_deploy.quant.gguf import GgufConfig, planned
 from faq_deploy.quant.scheme import MethodConfig
 from faq_runtime.bundle import MANIFEST, MODEL_DIR
 from faq_runtime.files import folder_bytes
@@ -65,7 +65,7 @@ def quantize_loaded(loaded: models.LoadedModel, config: MethodConfig, calibratio
         if budget_bytes:
             raise InvalidQuantConfig("--budget chooses each Linear's width, --method gguf keeps the file's",
                                      "drop --budget, or quantize the float model with another method")
-        config = replace(config, source=loaded.ref.gguf or "")
+        config = planned(config, loaded.model, loaded.ref.gguf)
     rows = calibration.rows(loaded.tokenizer.backend_tokenizer) if config.needs_calibration or budget_bytes else None
     if budget_bytes:  # the bundle `export` writes holds scales in its precision: quantize for those
         config = replace(config, scheme=replace(config.scheme, scale_dtype=export.scale_dtype))

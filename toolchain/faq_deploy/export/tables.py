@@ -19,14 +19,15 @@ from torch import nn
 from faq_deploy.errors import ExportError
 from faq_deploy.export.graph import replace_node
 from faq_deploy.export.options import EMBEDDING_NODE, LM_HEAD_NODE, TABLE_SCHEMES, ExportOptions
-from faq_deploy.quant.quantizer import QuantizedWeight, quantize_weight, widened
+from faq_deploy.quant.quantizer import QuantizedWeight, quantize_weight
 from faq_deploy.quant.scheme import QuantScheme
 
 
 def _storable(weight: QuantizedWeight | None, lookup: bool) -> bool:
-    """Whether given codes fit the table's node: neither node adds offsets or a second node (5-bit
-    codes go in 8 bits, exactly), and the lookup (GatherBlockQuantized) takes 4 or 8 bits only."""
-    return weight is not None and not weight.scheme.offsets and (not lookup or weight.scheme.bits in (4, 5, 8))
+    """Whether given codes fit the table's node: neither node adds offsets or a second node, and the
+    lookup (GatherBlockQuantized) takes 4 or 8 bits only."""
+    return (weight is not None and not weight.scheme.offsets and not weight.scheme.plane_bits
+            and (not lookup or weight.scheme.bits in (4, 8)))
 
 
 def fake_quantize_tables(model: nn.Module, export: ExportOptions, blocks: QuantScheme | None = None,
@@ -47,7 +48,7 @@ def fake_quantize_tables(model: nn.Module, export: ExportOptions, blocks: QuantS
             codes.append(None)
             continue
         if _storable(given.get(name), lookup=name != "lm_head"):
-            codes.append(widened(given[name]) if given[name].scheme.plane_bits else given[name])
+            codes.append(given[name])
         else:
             scheme = replace(TABLE_SCHEMES[kind], symmetric=blocks.symmetric, scale_dtype=blocks.scale_dtype)
             codes.append(quantize_weight(module.weight.detach(), scheme))

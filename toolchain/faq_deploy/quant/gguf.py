@@ -24,7 +24,7 @@ Q4_K_M file (mostly Q5_0) the planes make a 485 MB bundle against 530, and decod
 The float operations are llama.cpp's own (gguf-py's dequantizers compute the same), so each weight
 dequantizes to the value transformers reads from the file, which the method checks tensor by tensor.
 A tensor of any other type (float, the i-quants, Q2_K/Q3_K) is re-quantized by RTN in the method's
-scheme, and the build says which.
+scheme; the build's summary, REPORT.md and manifest say which and why.
 
 A file may hold the vocabulary table twice, rounded two ways (Qwen2.5's tied table: the output Q8_0,
 the lookup Q5_0). Where each value of the two lies within a step of each other's, the bundle keeps the
@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import gguf
 import numpy as np
 import torch
+from gguf.gguf_reader import ReaderTensor
 from gguf.quants import Q4_K
 from torch import nn
 from transformers import PreTrainedModel
@@ -61,18 +62,33 @@ FIVE_BIT_FORMS = ("8bit", "planes")
 
 @dataclass(frozen=True)
 class GgufConfig(MethodConfig):
-    """`source`: the GGUF file the model was read from (filled in from the loaded model); `scheme`:
-    the RTN fallback for tensors without an exact form; `five_bit`: how 5-bit blocks travel, in one
-    8-bit node ("8bit") or as a 4-bit and a 2-bit node ("planes")."""
+    """`source`: the GGUF file the model was read from; `scheme`: the RTN fallback for tensors without
+    an exact form; `five_bit`: how 5-bit blocks travel, in one 8-bit node ("8bit") or as a 4-bit and a
+    2-bit node ("planes"). `fallbacks` (module → why the file has no exact codes for it) and
+    `shared_table` (the table whose copy serves both vocabulary uses) are what `planned` found in the
+    file, so the checkpoint and the manifest record what the build did."""
 
     method: ClassVar[str] = "gguf"
     source: str = ""
     five_bit: str = "8bit"  # one of FIVE_BIT_FORMS
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    shared_table: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.five_bit not in FIVE_BIT_FORMS:
             raise InvalidQuantConfig(f"five_bit={self.five_bit!r} is not a form", f"use {' or '.join(FIVE_BIT_FORMS)}")
+
+    @property
+    def notes(self) -> list[str]:
+        rtn = f"re-quantized by RTN w{self.scheme.bits} g{self.scheme.group_size}"
+        notes = [f"{name}: {why}; " + ("the export's table option applies" if name in TABLES else rtn)
+                 for name, why in self.fallbacks.items()]
+        if self.shared_table:
+            other = next(name for name in TABLES if name != self.shared_table)
+            notes.append(f"{other}: the file holds the vocabulary table twice, rounded two ways; the finer copy "
+                         f"({self.shared_table}'s) serves both and is stored once")
+        return notes
 
 
 @dataclass(frozen=True)
@@ -226,64 +242,95 @@ class GgufFile:
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.config = model.config
 
-    def codes(self, module: str) -> QuantizedWeight | str:
-        """The module's weight as exact codes, or why there are none."""
+    def tensor(self, module: str) -> ReaderTensor | str:
+        """The module's tensor where it has an exact form, or why there is none."""
         if self.names is None:
             return f"the gguf package has no tensor names for architecture {self.arch!r}"
-        gguf_name = self.names.get_name(module)
-        tensor = self.tensors.get(f"{gguf_name}.weight")
+        tensor = self.tensors.get(f"{self.names.get_name(module)}.weight")
         if tensor is None and module == "lm_head" and self.config.tie_word_embeddings:
             tensor = self.tensors.get(f"{self.names.get_name('model.embed_tokens')}.weight")
         if tensor is None:
             return f"no tensor for {module} in the file"
         if tensor.tensor_type not in FORMS:
             return f"{tensor.name} is {tensor.tensor_type.name}, which has no exact MatMulNBits form"
+        return tensor
+
+    def codes(self, module: str) -> QuantizedWeight | str:
+        """The module's weight as exact codes, or why there are none."""
+        tensor = self.tensor(module)
+        if isinstance(tensor, str):
+            return tensor
         k, n = (int(d) for d in tensor.shape)
         weight = to_codes(tensor.data, tensor.tensor_type, (n, k))
-        if self.arch == "llama" and gguf_name.endswith(("attn_q", "attn_k")):
-            heads = self.config.num_attention_heads if gguf_name.endswith("attn_q") else self.config.num_key_value_heads
+        if self.arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = (self.config.num_attention_heads if tensor.name.endswith("attn_q.weight")
+                     else self.config.num_key_value_heads)
             weight = _rows(weight, torch.from_numpy(_unpermuted_rows(n, heads)))
         return weight
+
+
+def _modules(model: PreTrainedModel) -> dict[str, nn.Module]:
+    """What a GGUF file holds codes for: every block Linear and both vocabulary tables."""
+    return {**block_linears(model), "lm_head": model.get_output_embeddings(),
+            "model.embed_tokens": model.get_input_embeddings()}
+
+
+def planned(config: GgufConfig, model: PreTrainedModel, source: str | None) -> GgufConfig:
+    """`config` for the GGUF file at `source`, which `model` was read from: which modules the file has
+    no exact codes for, and whether its two vocabulary tables are one table rounded twice (then the
+    finer copy is named to serve both). Decided before quantizing, so the record says what is done."""
+    if not source:
+        raise InvalidQuantConfig("--method gguf needs a GGUF model", "pass --model FILE.gguf or an embedded model")
+    file = GgufFile(source, model)
+    found = {name: file.tensor(name) for name in _modules(model)}
+    fallbacks = {name: why for name, why in found.items() if isinstance(why, str)}
+    shared = ""
+    head, lookup = (found[name] for name in TABLES)
+    if not isinstance(head, str) and not isinstance(lookup, str) and head.name != lookup.name:
+        tables = {name: file.codes(name) for name in TABLES}
+        if rounded_twice(*tables.values()):
+            shared = min(TABLES, key=lambda name: tables[name].scales.abs().mean().item())
+    return replace(config, source=source, fallbacks=fallbacks, shared_table=shared)
 
 
 def quantize_gguf(model: PreTrainedModel, config: GgufConfig, calibration: torch.Tensor | None = None
                   ) -> dict[str, QuantizedWeight]:
     """Every block Linear, and the vocabulary tables where their GGUF form is exact, as the file's own
     codes; each checked against the weight `model` holds (transformers' dequantization of the same
-    file). What has no exact form is re-quantized by RTN in `config.scheme`, reported on stderr."""
+    file). The modules `config` (see `planned`) names as fallbacks are re-quantized by RTN in
+    `config.scheme`, or, the tables, left to the export's table options."""
     if not config.source:
-        raise InvalidQuantConfig("--method gguf needs a GGUF model", "pass --model FILE.gguf or an embedded model")
+        raise InvalidQuantConfig("the gguf config names no file", "plan it with gguf.planned, as quantize_loaded does")
     file = GgufFile(config.source, model)
-    modules: dict[str, nn.Module] = {**block_linears(model), "lm_head": model.get_output_embeddings(),
-                                     "model.embed_tokens": model.get_input_embeddings()}
+    modules = _modules(model)
     weights: dict[str, QuantizedWeight] = {}
-    fallbacks: dict[str, str] = {}
     for name, module in progress(modules.items(), "gguf", "tensor"):
-        found = file.codes(name)
-        if isinstance(found, str):
-            fallbacks[name] = found
-            if name not in TABLES:  # a table without exact codes is left to the export's own table options
+        if name in config.fallbacks:
+            if name not in TABLES:
                 weights[name] = quantize_linear_(module, config.scheme)
             continue
+        if name in TABLES and config.shared_table not in ("", name):
+            continue  # the finer copy serves it, below
+        found = file.codes(name)
+        if isinstance(found, str):
+            raise InvalidQuantConfig(f"{name}: {found}", "plan the config for this file (gguf.planned)")
         if not torch.equal(found.dequantize(), module.weight.detach()):
             raise InvalidQuantConfig(f"the GGUF's codes for {name} do not dequantize to the weight transformers "
                                      "read from the same file", "report this file's architecture")
         weights[name] = found
-    if config.five_bit == "8bit":
-        weights = {name: widened(w) if w.scheme.bits == 5 else w for name, w in weights.items()}
+    # the tables' nodes take no second node: their 5-bit codes always travel in 8 bits
+    weights = {name: widened(w) if w.scheme.bits == 5 and (config.five_bit == "8bit" or name in TABLES) else w
+               for name, w in weights.items()}
     for unit in packed_units(model):  # q, k, v are one node: one width and group (Q4_K_M files mix Q4_K, Q6_K)
         if len({(weights[m].scheme.bits, weights[m].scheme.group_size) for m in unit}) > 1:
             group = min(weights[m].scheme.group_size for m in unit)
             weights.update({m: widened(weights[m], group) for m in unit})
-    for name, why in fallbacks.items():
-        print(f"note: {name}: {why}; " + ("the export's table option applies" if name in TABLES else
-              f"re-quantized by RTN w{config.scheme.bits} g{config.scheme.group_size}"), file=sys.stderr)
-    if all(name in weights for name in TABLES) and rounded_twice(*(weights[name] for name in TABLES)):
-        finer, coarser = sorted(TABLES, key=lambda name: weights[name].scales.abs().mean().item())
-        weights[coarser] = weights[finer]
-        modules[coarser].weight.data.copy_(weights[finer].dequantize())  # the torch model reads what ships
-        print(f"note: {coarser}: the file holds the vocabulary table twice, rounded two ways; the finer "
-              f"copy ({finer}'s) serves both and is stored once", file=sys.stderr)
+    if config.shared_table:
+        other = next(name for name in TABLES if name != config.shared_table)
+        weights[other] = weights[config.shared_table]
+        modules[other].weight.data.copy_(weights[other].dequantize())  # the torch model reads what ships
+    for note in config.notes:
+        print(f"note: {note}", file=sys.stderr)
     return weights
 
 

@@ -91,5 +91,10 @@ class MethodConfig:
     def needs_calibration(self) -> bool:
         return self.rounding == "gptq"
 
+    @property
+    def notes(self) -> list[str]:
+        """Modules the method treats apart from its rule, and why, in words for the build's report."""
+        return []
+
     def scheme_for(self, module: str) -> QuantScheme:
         return self.overrides.get(module, self.scheme)
