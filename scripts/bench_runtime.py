@@ -266,7 +266,7 @@ def main() -> int:
     if args.engine:
         serve(args.engine, folder, args.gguf, args.threads)
         return 0
-    engines = [e for e in ENGINES if e != "llama.cpp" or _importable("llama_cpp")]
+    engines = [e for e in ENGINES if e != "llama.cpp" or importable("llama_cpp")]
     if "llama.cpp" not in engines:
         print("llama.cpp: llama-cpp-python is not installed, skipped", file=sys.stderr)
     workers = [Worker(engine, args.model, args.gguf, args.threads) for engine in engines]
@@ -280,7 +280,7 @@ def main() -> int:
     ceiling = bandwidth * 1e9 / per_token
     paired = {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
               "max": round(max(ratios), 3), "per_repetition": [round(r, 3) for r in ratios]}
-    report = {"host": {"machine": platform.machine(), "processor": _cpu_name(), "threads": args.threads,
+    report = {"host": {"machine": platform.machine(), "processor": cpu_name(), "threads": args.threads,
                        "read_bandwidth_gbs": bandwidth},
               "model": str(folder), "gguf": args.gguf.name, "bytes_per_token": per_token,
               "decode_ceiling_tokens_s": round(ceiling, 1), "runs": args.runs, "results": results,
@@ -300,13 +300,13 @@ def main() -> int:
     return 0
 
 
-def _importable(name: str) -> bool:
+def importable(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime_genai as og
 import pytest
 import torch
 from commands import FAQ_DEPLOY, FAQ_RUN, TINY_FAQ
@@ -24,11 +26,11 @@ from faq_deploy.data import eval_tokens, load_corpus
 from faq_deploy.errors import BundleInvalid, ExportError
 from faq_deploy.export.codes import check_codes
 from faq_deploy.export.dynamo import export_dynamo
-from faq_deploy.export.graph import edited_graph, set_accuracy_levels
+from faq_deploy.export.graph import edited_graph, set_accuracy_levels, set_session_option
 from faq_deploy.export.options import EXPORTERS, TABLE_KINDS, ExportOptions
 from faq_deploy.export.parity import compare, onnx_logits
-from faq_deploy.export.qdq import QDQ_ACCURACY_LEVEL, set_session_level, to_qdq
-from faq_deploy.export.steps import export, finish
+from faq_deploy.export.qdq import QDQ_ACCURACY_LEVEL, to_qdq
+from faq_deploy.export.steps import THREADS_OPTION, export, finish
 from faq_deploy.export.tables import fake_quantize_tables, quantize_tables
 from faq_deploy.perplexity import perplexity
 from faq_deploy.quant import make_config, quantize
@@ -81,7 +83,7 @@ def test_five_bit_codes_export_as_two_nodes_that_compute_what_torch_computes(eva
     loaded = models.load(None)
     result = quantize(loaded.model, make_config("rtn", QuantScheme(5, 32, symmetric=True)))
     folder = checkpoint.save(result, loaded.tokenizer, loaded.ref, tmp_path / "checkpoint")
-    options = ExportOptions(accuracy_level=0)
+    options = ExportOptions(accuracy_level=0, threads=1)
     model_dir = export(folder, tmp_path / "model", options)
     assert check_codes(model_dir, result.weights) == 210
     read = checkpoint.load(folder)
@@ -92,8 +94,25 @@ def test_five_bit_codes_export_as_two_nodes_that_compute_what_torch_computes(eva
     planes = [n for n in nodes if n.name.endswith("/plane/MatMulNBits")]
     assert len(planes) == len(nodes) - len(planes) - 1 >= 30 * 4  # every block node has one; the head none
     assert all(len(n.input) == 3 for n in nodes)
+    assert Decoder(model_dir).spec.threads == 1  # the options' thread count, in genai_config
     parity = compare(read.model, Decoder(model_dir), eval_ids[:1000])
     assert parity.max_rel_diff <= 1e-4 and parity.argmax_agreement == 1.0, parity
+
+
+def test_the_bundles_thread_count_reaches_both_runtimes(exports: Exports, tmp_path: Path) -> None:
+    """A board's thread count travels in genai_config.json: faq_runtime's session takes it (an explicit
+    count wins; never more than this process may run on) and onnxruntime-genai reads the same entry."""
+    model_dir = shutil.copytree(exports.level0(4, "builder"), tmp_path / "model")
+
+    def threads(asked: int | None = None) -> int:
+        return Decoder(model_dir, threads=asked).session.get_session_options().intra_op_num_threads
+
+    assert Decoder(model_dir).spec.threads is None
+    set_session_option(model_dir, THREADS_OPTION, 1)
+    assert threads() == 1 and threads(2) == 2
+    set_session_option(model_dir, THREADS_OPTION, 4096)
+    assert threads() == len(os.sched_getaffinity(0))
+    og.Model(str(model_dir))  # genai takes the entry (it refuses keys it does not know)
 
 
 @BOTH
@@ -182,7 +201,7 @@ def test_the_qdq_rewrite_of_each_export_computes_what_its_matmulnbits_graph_comp
     ids = eval_ids[:256].tolist()
     expected = Decoder(level0).logits(ids)
     assert np.abs(Decoder(folder).logits(ids) - expected).max() > 1e-2 * np.abs(expected).max()  # level 4
-    set_session_level(folder, 0)
+    set_session_option(folder, QDQ_ACCURACY_LEVEL, "0")
     actual = Decoder(folder).logits(ids)
     assert np.abs(actual - expected).max() <= 1e-4 * np.abs(expected).max()
 

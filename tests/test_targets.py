@@ -288,6 +288,9 @@ def test_providers_weights_and_exporters_each_board_takes(tmp_path: Path) -> Non
                          ).problems == ()
     no_cuda = checks.assess(shipped.resolve("pi5"), QuantScheme(4, 32), fits, ExportOptions(provider="cuda")).problems
     assert "no CUDA execution provider" in no_cuda[0].cause
+    # the RK3588's four fast cores; elsewhere onnxruntime's own default, one thread per core
+    assert ExportOptions.for_target(shipped.resolve("rk3588")).threads == 4
+    assert ExportOptions.for_target(shipped.resolve("pi5")).threads is None
     # 5-bit codes' second node is a 2-bit MatMulNBits: the CPU graph only
     assert checks.assess(shipped.resolve("pi5"), QuantScheme(5, 32), fits).problems == ()
     for options in (ExportOptions(provider="cuda"), ExportOptions(weights="qdq")):

@@ -9,6 +9,7 @@ outputs): `input_ids`, `attention_mask`, optional `position_ids`, and per layer
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ class DecoderSpec:
     # onnxruntime session config entries: the dotted string keys of the decoder's session_options,
     # which onnxruntime-genai also passes to its session (e.g. session.qdq_matmulnbits_accuracy_level)
     session_config: Mapping[str, str]
+    # the intra-op threads the bundle was built for (its board's), which onnxruntime-genai takes too
+    threads: int | None = None
 
     @classmethod
     def read(cls, folder: Path) -> DecoderSpec:
@@ -54,7 +57,8 @@ class DecoderSpec:
                    decoder["head_size"], config["vocab_size"], config["context_length"],
                    inputs["past_key_names"], inputs["past_value_names"],
                    outputs["present_key_names"], outputs["present_value_names"],
-                   bool(genai.get("search", {}).get("past_present_share_buffer")), entries)
+                   bool(genai.get("search", {}).get("past_present_share_buffer")), entries,
+                   decoder.get("session_options", {}).get("intra_op_num_threads"))
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.layers * self.kv_heads * self.head_size * dtype_bytes
@@ -72,7 +76,9 @@ class Decoder:
         self.folder = Path(folder)
         self.spec = DecoderSpec.read(self.folder)
         options = ort.SessionOptions()
-        if threads:
+        if threads is None and self.spec.threads:  # the bundle's board count, never more than this
+            threads = min(self.spec.threads, len(os.sched_getaffinity(0)))  # process may run on
+        if threads:  # else onnxruntime's default, one per core
             options.intra_op_num_threads = threads
         for key, value in self.spec.session_config.items():
             options.add_session_config_entry(key, value)

@@ -118,6 +118,7 @@ class BuildDefaults:
     providers: tuple[str, ...] = _rule(_each(_one_of(*PROVIDERS)))  # the runtime's preference order
     context: int = _rule(_positive, 2048)                              # tokens the memory fit assumes
     float_activations: tuple[str, ...] = _rule(_each(_one_of("lm_head", "8bit")), ())  # nodes kept at level 0
+    threads: int | None = _rule(_positive, None)   # the bundle's intra-op threads; None: one per core
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The exported graph on disk: loading it for edits, saving it back, and the edits every exporter shares.
+"""The exported graph on disk: loading it for edits, saving it back, and the edits every exporter shares
+(its genai_config.json's session options among them).
 
 A model folder holds model.onnx and its weights in model.onnx.data. The passes over it (tables,
 accuracy levels, float16 scales, the QDQ form) share one load and one save through `edited_graph`,
@@ -7,6 +8,7 @@ and read only the tensors they change.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from itertools import chain
@@ -21,6 +23,7 @@ from faq_deploy.errors import ExportError
 from faq_deploy.export.options import ExportOptions
 from faq_deploy.quant.packing import exact_in_float16, to_matmulnbits, unpack
 from faq_deploy.quant.quantizer import QuantizedWeight
+from faq_runtime.model import GENAI_CONFIG
 
 MODEL_FILE = "model.onnx"
 _INLINE_BYTES = 1024  # smaller tensors stay in model.onnx, as onnx's own external-data save keeps them
@@ -98,6 +101,16 @@ def drop_default_zero_points(graph: onnx.GraphProto, base_dir: str = "") -> int:
         while node.input and not node.input[-1]:
             del node.input[-1]
     return dropped
+
+
+def set_session_option(folder: Path, key: str, value: str | int) -> None:
+    """One entry of the decoder's session_options in `folder`'s genai_config.json, which onnxruntime-genai
+    and faq_runtime's Decoder both apply to their session: a field they name (intra_op_num_threads) or
+    an onnxruntime config entry, a dotted key with a string value."""
+    path = folder / GENAI_CONFIG
+    config = json.loads(path.read_text())
+    config["model"]["decoder"].setdefault("session_options", {})[key] = value
+    path.write_text(json.dumps(config, indent=4))
 
 
 def set_accuracy_levels(graph: onnx.GraphProto, options: ExportOptions) -> int:

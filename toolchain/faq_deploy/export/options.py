@@ -46,6 +46,7 @@ class ExportOptions:
     embedding: str = "int8"  # one of EMBEDDING_KINDS
     weights: str = "matmulnbits"  # one of WEIGHT_FORMATS
     float_activations: tuple[str, ...] = ()  # of FLOAT_ACTIVATION_NODES: kept at level 0
+    threads: int | None = None  # the runtimes' intra-op threads (genai_config); None: onnxruntime's, one per core
 
     def __post_init__(self) -> None:
         for part, value, choices in (("lm_head kind", self.lm_head, TABLE_KINDS),
@@ -71,15 +72,16 @@ class ExportOptions:
                    float_activations: tuple[str, ...] = (), lm_head: str | None = None,
                    embedding: str = "auto") -> ExportOptions:
         """The options for a build for `target`, where every choice left None (or empty) is the board's:
-        its exporter, accuracy level and float-activation nodes, a CUDA graph when it prefers CUDA, and
-        TensorRT's QDQ weights when it prefers TensorRT."""
+        its exporter, accuracy level, float-activation nodes and thread count, a CUDA graph when it prefers
+        CUDA, and TensorRT's QDQ weights when it prefers TensorRT."""
         first = target.build.providers[:1]
         return cls(exporter=exporter or target.build.exporter,
                    provider=provider or ("cuda" if first == ("CUDA",) else "cpu"),
                    accuracy_level=target.build.accuracy_level if accuracy_level is None else accuracy_level,
                    lm_head=lm_head or cls.lm_head, embedding=embedding,
                    weights=weights or ("qdq" if first == ("TensorRT",) else "matmulnbits"),
-                   float_activations=float_activations or target.build.float_activations)
+                   float_activations=float_activations or target.build.float_activations,
+                   threads=target.build.threads)
 
     def for_model(self, model: nn.Module) -> ExportOptions:
         """These options with an "auto" embedding decided by `model`: a table tied to the head is stored

@@ -6,13 +6,11 @@ the only form TensorRT's dequantize takes. Asymmetric codes keep their zero poin
 valid ONNX that onnxruntime runs everywhere, which TensorRT refuses (build TensorRT bundles with
 --symmetric). Where onnxruntime's CPU provider runs the graph it fuses DequantizeLinear → MatMul back
 into MatMulNBits, with int8 activations unless the session option QDQ_ACCURACY_LEVEL says 0: the
-graph's accuracy level goes into genai_config.json, where both faq_runtime and onnxruntime-genai read it.
+graph's accuracy level goes into genai_config.json (graph.set_session_option), where both faq_runtime and
+onnxruntime-genai read it.
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,7 +18,6 @@ from onnx import TensorProto, numpy_helper
 
 from faq_deploy.errors import ExportError
 from faq_deploy.quant.packing import pack, unpack
-from faq_runtime.model import GENAI_CONFIG
 
 QDQ_ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
 MIN_OPSET = 21  # DequantizeLinear with 4-bit types and block_size
@@ -47,16 +44,6 @@ def to_qdq(model: onnx.ModelProto, base_dir: str = "") -> int:
     for tensor in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(tensor)
     return len(nodes)
-
-
-def set_session_level(folder: Path, level: int) -> None:
-    """Record `level` as the fused nodes' accuracy level in `folder`'s genai_config.json: a string entry
-    of the decoder's session_options, which onnxruntime-genai passes to its session as a config entry
-    (checked on 0.18: its logits follow the entry) and faq_runtime's Decoder does the same."""
-    path = folder / GENAI_CONFIG
-    config = json.loads(path.read_text())
-    config["model"]["decoder"].setdefault("session_options", {})[QDQ_ACCURACY_LEVEL] = str(level)
-    path.write_text(json.dumps(config, indent=4))
 
 
 def _dequantize_matmul(node: onnx.NodeProto, init: dict[str, TensorProto], graph: onnx.GraphProto,
