@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -90,6 +91,10 @@ OTHERS = (
     _genai("int4 k_quant b32", "block_size=32", "algo_config=k_quant"),
     _genai("int4 k_quant b128", "block_size=128", "algo_config=k_quant"),
     _genai("int4 k_quant_mixed b32", "block_size=32", "algo_config=k_quant_mixed"),
+    # an untied model's embedding stays float unless Gather is named (a tied one's is shared and quantized)
+    _genai("int4 rtn b32 gather", "block_size=32", "op_types_to_quantize=MatMul/Gather"),
+    _genai("int4 k_quant_mixed b32 gather", "block_size=32", "algo_config=k_quant_mixed",
+           "op_types_to_quantize=MatMul/Gather"),
     *(_llama(kind, imatrix) for kind in ("Q3_K_M", "Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q8_0")
       for imatrix in (False, True)),
     # an embedded model's own GGUF, as it ships: the file our float model was dequantized from
@@ -396,7 +401,7 @@ def main() -> int:
                  "results": speed(shop, made, args.runs)})
     rows, control = collect(log.rows, name)
     failures = [r for r in log.rows if r["model"] == name and "error" in r]
-    report(rows, control, failures, args.out, "python scripts/bench_frontier.py " + " ".join(sys.argv[1:]))
+    report(rows, control, failures, args.out, "python scripts/bench_frontier.py " + shlex.join(sys.argv[1:]))
     print(args.out.with_suffix(".md").read_text())
     return 0
 

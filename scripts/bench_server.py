@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -189,7 +190,7 @@ def main() -> int:
             print(table(rows[-1:], list(rows[-1])), file=sys.stderr, flush=True)
     columns = ["engine", "clients", "requests", "answered", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms",
                "latency_p50_ms", "latency_p99_ms", "share_429", "rss_before_mb", "rss_after_mb", "rss_peak_mb"]
-    command = "python scripts/bench_server.py " + " ".join(sys.argv[1:])
+    command = "python scripts/bench_server.py " + shlex.join(sys.argv[1:])
     host = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"command": command, "host": host, "rows": rows,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import signal
 import statistics
 import subprocess
@@ -261,7 +262,7 @@ def main() -> int:
     rows = measure(children, prompts, args.tokens, args.runs)
     for child in children:
         child.close()
-    command = "python scripts/bench_speculative.py " + " ".join(sys.argv[1:])
+    command = "python scripts/bench_speculative.py " + shlex.join(sys.argv[1:])
     text = (f"Made by `{command}` on this {args.threads}-thread host: greedy, up to {args.tokens} new tokens, "
             f"median of {args.runs} interleaved runs; llama.cpp runs {gguf.name}.\n\n{table(rows)}\n")
     print(text)

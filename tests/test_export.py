@@ -30,7 +30,7 @@ from faq_deploy.export.graph import edited_graph, set_accuracy_levels, set_sessi
 from faq_deploy.export.options import EXPORTERS, TABLE_KINDS, ExportOptions
 from faq_deploy.export.parity import compare, onnx_logits
 from faq_deploy.export.qdq import QDQ_ACCURACY_LEVEL, to_qdq
-from faq_deploy.export.steps import THREADS_OPTION, export, finish
+from faq_deploy.export.steps import export, finish
 from faq_deploy.export.tables import fake_quantize_tables, quantize_tables
 from faq_deploy.perplexity import perplexity
 from faq_deploy.quant import make_config, quantize
@@ -38,7 +38,7 @@ from faq_deploy.quant.packing import MatMulNBitsWeights, from_matmulnbits
 from faq_deploy.quant.scheme import QuantScheme
 from faq_runtime.bundle import MANIFEST
 from faq_runtime.load import LoadOptions, load
-from faq_runtime.model import Decoder
+from faq_runtime.model import THREADS_OPTION, Decoder
 
 BOTH = pytest.mark.parametrize("exporter", EXPORTERS)
 EVERY_WIDTH = pytest.mark.parametrize("bits, exporter", [(b, e) for b in (4, 3) for e in EXPORTERS])

@@ -18,6 +18,8 @@ import numpy as np
 import onnxruntime as ort
 
 GENAI_CONFIG = "genai_config.json"
+# the decoder's session option both runtimes take their intra-op thread count from
+THREADS_OPTION = "intra_op_num_threads"
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 PREFILL_CHUNK = 512
@@ -58,7 +60,7 @@ class DecoderSpec:
                    inputs["past_key_names"], inputs["past_value_names"],
                    outputs["present_key_names"], outputs["present_value_names"],
                    bool(genai.get("search", {}).get("past_present_share_buffer")), entries,
-                   decoder.get("session_options", {}).get("intra_op_num_threads"))
+                   decoder.get("session_options", {}).get(THREADS_OPTION))
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.layers * self.kv_heads * self.head_size * dtype_bytes

@@ -21,9 +21,8 @@ from faq_deploy.export.planes import add_planes, planes_problem
 from faq_deploy.export.qdq import QDQ_ACCURACY_LEVEL, to_qdq
 from faq_deploy.export.tables import fake_quantize_tables, quantize_tables
 from faq_deploy.quant.scheme import QuantScheme
+from faq_runtime.model import THREADS_OPTION
 
-# genai_config's session option that onnxruntime-genai and faq_runtime take their intra-op threads from
-THREADS_OPTION = "intra_op_num_threads"
 _EXPORTERS = {"builder": export_builder, "dynamo": export_dynamo}
 
 
