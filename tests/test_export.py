@@ -112,7 +112,7 @@ def test_the_bundles_thread_count_reaches_both_runtimes(exports: Exports, tmp_pa
     assert threads() == 1 and threads(2) == 2
     set_session_option(model_dir, THREADS_OPTION, 4096)
     assert threads() == len(os.sched_getaffinity(0))
-    og.Model(str(model_dir))  # genai takes the entry (it refuses keys it does not know)
+    og.Model(str(model_dir))  # genai knows the entry: an integer under a key it does not know is refused
 
 
 @BOTH
