@@ -77,6 +77,7 @@ def test_level_4_keeps_perplexity_within_one_percent(exports: Exports, bits: int
     assert abs(perplexity(onnx_logits(decoder), eval_ids).perplexity / expected - 1) < 0.01
 
 
+@pytest.mark.heavy
 def test_five_bit_codes_export_as_two_nodes_that_compute_what_torch_computes(eval_ids, tmp_path: Path) -> None:
     """5-bit codes: the builder's node holds the low four bits, the build adds a 2-bit node beside it
     for the fifth; symmetric, neither node stores zero points."""
