@@ -293,11 +293,16 @@ def main() -> int:
             f"(range {paired['min']:.2f}-{paired['max']:.2f}x over {len(ratios)}).\n\n"
             f"Decode ceiling: {bandwidth} GB/s read bandwidth (measured) / {per_token / 1e6:.1f} MB read per token "
             f"= {ceiling:.0f} tokens/s for the ONNX graph.\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(args.out, report, text)
     return 0
+
+
+def write_results(out: Path, report: dict, text: str) -> None:
+    """`out`.json and `out`.md, and the page on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 def importable(name: str) -> bool:

@@ -14,13 +14,22 @@ libraries it prints.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 from pathlib import Path
 
-from bench_runtime import ENGINES, REPO, Worker, cpu_name, importable, measure, model_dir, read_bandwidth_gbs
+from bench_runtime import (
+    ENGINES,
+    REPO,
+    Worker,
+    cpu_name,
+    importable,
+    measure,
+    model_dir,
+    read_bandwidth_gbs,
+    write_results,
+)
 
 COLUMNS = (("decode_tokens_s", "decode"), ("prefill_1024_tokens_s", "prefill 1024"))
 
@@ -75,10 +84,7 @@ def main() -> int:
     text = (f"# Thread scaling\n\n`python scripts/bench_threads.py {args.model} --threads "
             f"{' '.join(map(str, counts))} --runs {args.runs}` on {host['processor']} ({cpus} CPUs); tokens/s, "
             f"median of {args.runs} interleaved repetitions after a warm-up.\n\n{table(rows)}\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(args.out, report, text)
     return 0
 
 
