@@ -8,11 +8,21 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 
-# The push tests start a real OpenSSH server on 127.0.0.1 (and use ssh-keygen, ssh-agent, scp).
-if ! command -v sshd >/dev/null && [ ! -x /usr/sbin/sshd ]; then
-  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+# The push tests start a real OpenSSH server on 127.0.0.1 (and use ssh-keygen, ssh-agent, scp). The
+# arm64 tests run a Debian arm64 userland under qemu-user: qemu-user-static registers its binfmt_misc
+# handler, debootstrap makes the root (once; the tests cache it).
+missing=()
+command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || missing+=(openssh-server openssh-client)
+command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static binfmt-support)
+command -v debootstrap >/dev/null || missing+=(debootstrap)
+if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends openssh-server openssh-client >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then  # no systemd to register it on a bare VM
+  mountpoint -q /proc/sys/fs/binfmt_misc || $SUDO mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+  $SUDO update-binfmts --enable qemu-aarch64
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -222,6 +223,39 @@ def test_the_probe_runs_alone_on_an_old_python(tmp_path: Path) -> None:
     assert facts["machine"] == "aarch64" and facts["python"] == "3.6.9"  # no /proc/sys/kernel/arch on kernel 4.9
     assert facts["l4t"] == {"major": 32, "revision": "7.4", "release": "32.7.4"}
     assert compat.tier_of(facts["machine"], facts["cpu"]["features"]) == "armv8.0_1"
+
+
+@pytest.mark.parametrize(("body", "error"), [
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n",
+     "importing onnxruntime crashed the interpreter (SIGSEGV)"),
+    ("raise ImportError('libonnxruntime.so: cannot open shared object file')\n",
+     "importing onnxruntime failed: ImportError: libonnxruntime.so: cannot open shared object file"),
+], ids=["segfault", "import-error"])
+def test_a_probe_outlives_an_onnxruntime_that_breaks_on_import(tmp_path: Path, body: str, error: str) -> None:
+    """A wheel that dies on import (on arm64, of a CPU description it cannot parse: tests/test_arm64.py) is
+    reported, not fatal: the push's preflight reads this JSON."""
+    (tmp_path / "broken" / "onnxruntime").mkdir(parents=True)
+    (tmp_path / "broken" / "onnxruntime" / "__init__.py").write_text(body)
+    alone = shutil.copy(probe.__file__, tmp_path / "probe.py")
+    done = subprocess.run([sys.executable, alone], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "broken")})
+    assert done.returncode == 0, done.stderr
+    facts = json.loads(done.stdout)
+    assert facts["onnxruntime"] is None and facts["onnxruntime_error"] == error
+    assert facts["machine"] == platform.machine() and facts["cpu"]["cores"] >= 1
+
+
+def test_the_machine_is_the_interpreters_own(tmp_path: Path) -> None:
+    """From the ELF header of the Python that runs: under qemu-user, or a 32-bit userland on a 64-bit
+    kernel, /proc/sys/kernel/arch names a machine whose wheels this Python cannot load."""
+    assert probe.userland_machine() == platform.machine()
+    for number, machine in [(183, "aarch64"), (40, "armv7l"), (62, "x86_64")]:
+        elf = tmp_path / machine
+        elf.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(11) + number.to_bytes(2, "little") + bytes(44))
+        assert probe.userland_machine(str(elf)) == machine
+    live = probe.probe("/")
+    kernel = Path("/proc/sys/kernel/arch").read_text().strip()
+    assert live["machine"] == platform.machine() and live["kernel_machine"] == kernel
 
 
 def test_isa_tiers_follow_llama_cpp() -> None:

@@ -8,6 +8,12 @@ imports from faq_runtime, no dataclasses, no postponed annotations.
 `.faq-probe/interpreter.json` for what no file holds (Python, onnxruntime). `--record DIR` writes
 such a recording of this machine, which is how test fixtures and bug reports are made.
 
+The machine is the userland's, read from the interpreter's own ELF header: that is what decides which
+wheels run. The kernel's (/proc/sys/kernel/arch) can differ, on a 32-bit userland over a 64-bit kernel or
+an emulated one under qemu-user; it is reported as `kernel_machine` beside it. onnxruntime is imported
+in a child process, so a wheel that crashes on this CPU becomes a reported fact (`onnxruntime_error`)
+instead of the probe's death, and with it a deploy's preflight.
+
     python3 -m faq_runtime.probe [--root DIR] [--disk PATH] [--record DIR]
     python3 probe.py ...            (the same, copied alone to a device)
 """
@@ -16,18 +22,22 @@ import argparse
 import json
 import os
 import platform
+import signal
+import struct
+import subprocess
 import sys
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # 2: machine is the userland's; kernel_machine and onnxruntime_error added
 # A recording to answer for this machine, also when run over SSH by a deploy: how a test device
 # (or a support engineer replaying a customer's board) stands in for a real one.
 ROOT_ENV = "FAQ_PROBE_ROOT"
 INTERPRETER = os.path.join(".faq-probe", "interpreter.json")
-# Every file the probe reads, relative to the root; a recording copies exactly these.
+# Every file the probe reads, relative to the root; a recording copies exactly these. A tuple: the first
+# that exists (/proc/device-tree is a link to sysfs's copy of the device tree, which a chroot may lack).
 FILES = {
     "arch": "proc/sys/kernel/arch",
-    "model": "proc/device-tree/model",
-    "compatible": "proc/device-tree/compatible",
+    "model": ("proc/device-tree/model", "sys/firmware/devicetree/base/model"),
+    "compatible": ("proc/device-tree/compatible", "sys/firmware/devicetree/base/compatible"),
     "tegra": "etc/nv_tegra_release",
     "cpuinfo": "proc/cpuinfo",
     "meminfo": "proc/meminfo",
@@ -42,8 +52,17 @@ CGROUPS = (
 NO_LIMIT = 2 ** 62  # v1 writes "no limit" as 2**63 - 1 rounded to a page, v2 as "max"
 
 
+def _paths(key):
+    paths = FILES[key]
+    return paths if isinstance(paths, tuple) else (paths,)
+
+
 def _read(root, key):
-    return _read_file(root, FILES[key])
+    for relative in _paths(key):
+        text = _read_file(root, relative)
+        if text is not None:
+            return text
+    return None
 
 
 def _read_file(root, relative):
@@ -148,16 +167,64 @@ def _integer(text):
     return int(text) if text.isdigit() else None
 
 
+# e_machine of an ELF header → the name platform.machine() gives that userland
+ELF_MACHINES = {3: "i686", 40: "armv7l", 62: "x86_64", 183: "aarch64", 243: "riscv64"}
+# Seconds for the child that imports onnxruntime: tens on a cold SD card or under emulation
+IMPORT_TIMEOUT = 180
+ONNXRUNTIME_FACTS = ("import json, onnxruntime; print(json.dumps({'version': onnxruntime.__version__, "
+                     "'providers': list(onnxruntime.get_available_providers())}))")
+
+
+def userland_machine(executable=None):
+    """The machine the interpreter's own binary is built for (platform.machine() when it cannot be read)."""
+    try:
+        with open(executable or sys.executable, "rb") as handle:
+            head = handle.read(20)
+    except OSError:
+        return platform.machine()
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return platform.machine()
+    (number,) = struct.unpack("<H" if head[5] == 1 else ">H", head[18:20])
+    return ELF_MACHINES.get(number, platform.machine())
+
+
+def onnxruntime_facts():
+    """(onnxruntime's version and providers or None, why it is unusable or None). Read in a child process
+    unless this one has imported it already: a wheel built for a newer CPU dies of SIGILL or SIGSEGV
+    on import, and that must not take the probe with it. Not installed is no error: the wheelhouse brings one."""
+    module = sys.modules.get("onnxruntime")
+    if module is not None:
+        return {"version": module.__version__, "providers": list(module.get_available_providers())}, None
+    try:
+        done = subprocess.run([sys.executable, "-c", ONNXRUNTIME_FACTS], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=IMPORT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return None, "importing onnxruntime took longer than {} s".format(IMPORT_TIMEOUT)
+    except OSError as exc:
+        return None, "could not start {}: {}".format(sys.executable, exc)
+    if done.returncode < 0:
+        try:
+            name = signal.Signals(-done.returncode).name
+        except ValueError:
+            name = "signal {}".format(-done.returncode)
+        return None, "importing onnxruntime crashed the interpreter ({})".format(name)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        last = lines[-1] if lines else "exit status {}".format(done.returncode)
+        if "No module named 'onnxruntime'" in last:
+            return None, None
+        return None, "importing onnxruntime failed: " + last
+    try:
+        return json.loads(done.stdout), None
+    except ValueError:
+        return None, "importing onnxruntime printed no facts: " + done.stdout.strip()[-200:]
+
+
 def interpreter():
     """Facts about the Python running this probe and the onnxruntime it can import."""
-    facts = {"machine": platform.machine(), "python": platform.python_version(), "onnxruntime": None}
-    try:
-        import onnxruntime
-        facts["onnxruntime"] = {"version": onnxruntime.__version__,
-                                "providers": list(onnxruntime.get_available_providers())}
-    except Exception:  # not installed, or a broken wheel: either way the device has no usable one
-        pass
-    return facts
+    runtime, error = onnxruntime_facts()
+    return {"machine": userland_machine(), "python": platform.python_version(), "onnxruntime": runtime,
+            "onnxruntime_error": error}
 
 
 def probe(root="/", disk=None):
@@ -171,7 +238,7 @@ def probe(root="/", disk=None):
                 runtime = json.load(handle)
         except (OSError, ValueError):
             runtime = {"machine": None, "python": None, "onnxruntime": None}
-    arch = (_read(root, "arch") or "").strip() or runtime.get("machine")
+    kernel = (_read(root, "arch") or "").strip() or None
     memory = _memory(_read(root, "meminfo"))
     cgroup = _cgroup_memory(root)
     if cgroup:  # in a container the limit, not the board's RAM, is what the kernel enforces
@@ -187,7 +254,8 @@ def probe(root="/", disk=None):
         free = None
     return {
         "probe_version": PROBE_VERSION,
-        "machine": arch,
+        "machine": runtime.get("machine") or kernel,
+        "kernel_machine": kernel,
         "model": model[0].strip() if model else None,
         "compatible": _device_tree(_read(root, "compatible")),
         "l4t": _l4t(_read(root, "tegra")),
@@ -195,13 +263,14 @@ def probe(root="/", disk=None):
         "memory": memory,
         "python": runtime.get("python"),
         "onnxruntime": runtime.get("onnxruntime"),
+        "onnxruntime_error": runtime.get("onnxruntime_error"),
         "disk": {"path": disk_path, "free_bytes": free},
     }
 
 
 def record(dest, root="/"):
     """Copy the files the probe reads (those present) under `dest`, and the interpreter facts."""
-    for relative in list(FILES.values()) + _cgroup_files(root):
+    for relative in [path for key in FILES for path in _paths(key)] + _cgroup_files(root):
         source = os.path.join(root, relative)
         if os.path.isfile(source):
             target = os.path.join(dest, relative)

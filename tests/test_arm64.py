@@ -1,0 +1,138 @@
+"""Bundles on arm64: a Raspberry Pi 5 bundle on an emulated Pi 5 (tests/arm64.py), from its wheelhouse
+to selftest, with its logits compared against this machine's.
+
+Emulation runs the real arm64 wheels (onnxruntime's arm64 kernels included) exactly, only slowly, so
+the token budgets here are small; the figures each test prints are for the record, not for speed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from arm64 import Arm64Board
+from commands import FAQ_DEPLOY
+from tokenizers import Tokenizer
+
+from faq_deploy import models, registry
+from faq_deploy.build import EVAL_TEXT, MIN_AGREEMENT
+from faq_deploy.data import eval_tokens, load_corpus
+from faq_deploy.detect import match
+from faq_deploy.export.parity import reference_logits
+from faq_deploy.quant import make_config, quantize
+from faq_deploy.quant.scheme import QuantScheme
+from faq_runtime import agent
+from faq_runtime.model import Decoder
+
+pytestmark = pytest.mark.heavy
+
+BOARDS = Path(__file__).parent / "fixtures" / "boards"
+DEVICE_ROOT = "/srv/faq"  # the push's layout: bundles/<id>/, the agent under .faq/
+LOGITS = """import json, sys
+import numpy as np
+from faq_runtime.model import Decoder
+np.save(sys.argv[3], Decoder(sys.argv[1]).logits(json.load(open(sys.argv[2]))))
+"""
+
+
+class Pi5:
+    """The emulated Pi 5 with the pi5 bundle in place and its runtime installed by the agent, offline."""
+
+    def __init__(self, board: Arm64Board, bundle: Path, install: dict) -> None:
+        self.board, self.bundle, self.install = board, bundle, install
+        self.bundle_dir = f"{DEVICE_ROOT}/bundles/pi5"
+        self.faq_run = install["runtime"]
+        self.python = str(Path(self.faq_run).parent / "python")
+
+    def logits(self, model_dir: str, ids: list[int]) -> np.ndarray:
+        """The runtime's logits of `ids` from a model folder inside the board, computed there."""
+        (self.board.root / "tmp" / "ids.json").write_text(json.dumps(ids))
+        (self.board.root / "tmp" / "logits.py").write_text(LOGITS)
+        done = self.board.run(f"{self.python} /tmp/logits.py {model_dir} /tmp/ids.json /tmp/logits.npy")
+        assert done.returncode == 0, done.stderr[-2000:]
+        return np.load(self.board.root / "tmp" / "logits.npy")
+
+
+@pytest.fixture(scope="session")
+def pi5(real_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pi5]:
+    out = tmp_path_factory.mktemp("pi5") / "bundle"
+    built = subprocess.run([*FAQ_DEPLOY, "build", "--target", "pi5", "--method", "rtn", "--eval-tokens", "256",
+                            "--wheelhouse", "--out", str(out)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    board = Arm64Board(tmp_path_factory.mktemp("arm64"), BOARDS / "raspberry-pi-5")
+    board.put(out, f"{DEVICE_ROOT}/bundles/pi5")
+    board.put(Path(agent.__file__), f"{DEVICE_ROOT}/.faq/agent.py")
+    done = board.run(f"python3 {DEVICE_ROOT}/.faq/agent.py install {DEVICE_ROOT} pi5")
+    assert done.returncode == 0, done.stdout + done.stderr
+    yield Pi5(board, out, json.loads(done.stdout))
+
+
+def test_a_pi5_bundle_installs_offline_and_passes_its_selftest_on_an_emulated_pi5(pi5: Pi5) -> None:
+    assert pi5.install["installed"] and pi5.faq_run.startswith(f"{DEVICE_ROOT}/runtime/faq-runtime-")
+    assert pi5.faq_run.endswith("-py3.11/bin/faq-run")  # the board's Python, Raspberry Pi OS bookworm's
+    done = pi5.board.run(f"{pi5.faq_run} selftest {pi5.bundle_dir}")  # the device check is on
+    assert done.returncode == 0 and "ok, 8 tokens" in done.stdout, done.stdout + done.stderr
+    print(done.stdout.strip())
+    probed = pi5.board.run(f"{pi5.faq_run} probe")
+    assert probed.returncode == 0, probed.stderr
+    facts = json.loads(probed.stdout)
+    # the userland is arm64, the kernel under the emulation this machine's: the probe names both
+    assert facts["machine"] == "aarch64" and facts["kernel_machine"] == "x86_64"
+    assert facts["python"].startswith("3.11.") and facts["onnxruntime_error"] is None
+    assert "CPUExecutionProvider" in facts["onnxruntime"]["providers"]
+    assert facts["model"] == "Raspberry Pi 5 Model B Rev 1.0" and "asimddp" in facts["cpu"]["features"]
+    judged = match(registry.load(), facts)
+    assert judged[0].ok and judged[0].target.name == "raspberry-pi-5", judged[0]
+
+
+def test_a_probe_whose_onnxruntime_import_crashes_still_prints_its_facts(pi5: Pi5) -> None:
+    """The host's x86 /proc/cpuinfo under the arm64 userland: onnxruntime's CPU detection reads it and
+    the import dies of SIGSEGV. The probe imports it in a child, so it reports that and carries on."""
+    crash = pi5.board.run(f"{pi5.python} -c 'import onnxruntime'", dressed=False)
+    assert crash.returncode == 139, (crash.returncode, crash.stderr[-500:])  # 128 + SIGSEGV, from the shell
+    probed = pi5.board.run(f"{pi5.python} -m faq_runtime.probe", dressed=False)  # as a push runs it
+    assert probed.returncode == 0, probed.stderr[-2000:]
+    facts = json.loads(probed.stdout)
+    assert facts["onnxruntime"] is None and facts["machine"] == "aarch64"
+    assert facts["onnxruntime_error"] == "importing onnxruntime crashed the interpreter (SIGSEGV)"
+
+
+def _ids(pi5: Pi5, count: int) -> list[int]:
+    """The first `count` tokens of the evaluation text, as the build's parity takes them."""
+    tokenizer = Tokenizer.from_file(str(pi5.bundle / "model" / "tokenizer.json"))
+    return eval_tokens(tokenizer, load_corpus(EVAL_TEXT), count).tolist()
+
+
+def test_level_0_logits_on_arm64_equal_this_machines(pi5: Pi5, exports) -> None:
+    """With float activations (accuracy level 0) the arm64 kernels compute what x86's do, to float rounding."""
+    folder = exports.level0(4, "builder")
+    ids = _ids(pi5, 32)
+    inside = pi5.board.put(folder, "/opt/level0")
+    arm = pi5.logits(inside, ids)
+    x86 = Decoder(folder).logits(ids)
+    relative = float(np.abs(arm - x86).max() / np.abs(x86).max())
+    print(f"level 0, {len(ids)} tokens: max |arm64 − x86| / max |logit| = {relative:.2e}")
+    assert relative <= 1e-4
+    assert (arm.argmax(-1) == x86.argmax(-1)).all()
+
+
+def test_the_level_4_bundle_on_arm64_agrees_with_the_torch_model_above_the_builds_floor(pi5: Pi5) -> None:
+    """The bundle's int8 kernels differ by architecture, so its x86 parity does not describe the board:
+    measured here on 512 tokens against the torch model it came from (RTN: rebuilt exactly)."""
+    manifest = json.loads((pi5.bundle / "manifest.json").read_text())
+    assert manifest["export"]["accuracy_level"] == 4 and manifest["quantization"]["method"] == "rtn"
+    ids = _ids(pi5, 512)
+    loaded = models.load(None)
+    quantize(loaded.model, make_config("rtn", QuantScheme(**manifest["quantization"]["scheme"])))
+    expected = reference_logits(loaded.model, torch.tensor(ids)).numpy().argmax(-1)
+    arm = pi5.logits(f"{pi5.bundle_dir}/model", ids).argmax(-1)
+    x86 = Decoder(pi5.bundle / "model").logits(ids).argmax(-1)
+    agreement = {"arm64": float((arm == expected).mean()), "x86": float((x86 == expected).mean())}
+    print(f"level 4, {len(ids)} tokens, next-token agreement with the torch model: {agreement}, "
+          f"arm64 with x86: {float((arm == x86).mean()):.4f}")
+    assert agreement["arm64"] >= MIN_AGREEMENT
