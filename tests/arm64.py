@@ -69,9 +69,8 @@ class Arm64Board:
         (shutil.copytree if source.is_dir() else shutil.copy)(source, dest)
         return inside
 
-    def run(self, command: str, timeout: float = 900, dressed: bool = True) -> subprocess.CompletedProcess:
-        """`command` (sh) inside the board as root, no network. `dressed=False` leaves the host's x86
-        /proc/cpuinfo in place: an arm64 userland reading an x86 CPU description."""
+    def _entered(self, command: str, dressed: bool, network: bool) -> list[str]:
+        """The command line that runs `command` (sh) inside the board as root."""
         r, board = shlex.quote(str(self.root)), shlex.quote(str(self.board))
         mounts = [f"mount -t proc proc {r}/proc", f"mount -t sysfs sysfs {r}/sys",
                   f"mount --bind {shlex.quote(str(self.firmware))} {r}/sys/firmware",
@@ -79,6 +78,27 @@ class Arm64Board:
         if dressed:
             mounts.append(f"mount --bind {board}/proc/cpuinfo {r}/proc/cpuinfo")
         enter = f'exec chroot {r} /usr/bin/env -i {ENVIRONMENT} /bin/sh -c "$0"'
-        return subprocess.run(["unshare", "--mount", "--net", "--propagation", "private", "--", "sh", "-ec",
-                               " && ".join([*mounts, enter]), command],
-                              capture_output=True, text=True, timeout=timeout)
+        namespaces = ["--mount"] if network else ["--mount", "--net"]
+        return ["unshare", *namespaces, "--propagation", "private", "--", "sh", "-ec",
+                " && ".join([*mounts, enter]), command]
+
+    def run(self, command: str, timeout: float = 900, dressed: bool = True) -> subprocess.CompletedProcess:
+        """`command` inside the board, with no network. `dressed=False` leaves the host's x86
+        /proc/cpuinfo in place: an arm64 userland reading an x86 CPU description."""
+        return subprocess.run(self._entered(command, dressed, network=False), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def sshd(self, port: int, login_key: Path) -> subprocess.Popen:
+        """The board's own OpenSSH server (arm64, emulated) on 127.0.0.1:`port`, root logging in with
+        `login_key`; the host key is made here, since generating one under emulation is slow."""
+        keygen = self.root / "etc" / "ssh" / "test_host_ed25519"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keygen)], check=True)
+        (self.root / "root" / ".ssh").mkdir(mode=0o700, exist_ok=True)
+        shutil.copy(f"{login_key}.pub", self.root / "root" / ".ssh" / "authorized_keys")
+        (self.root / "run" / "sshd").mkdir(parents=True, exist_ok=True)
+        (self.root / "etc" / "ssh" / "sshd_test_config").write_text("\n".join([
+            f"Port {port}", "ListenAddress 127.0.0.1", "HostKey /etc/ssh/test_host_ed25519",
+            "PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+            "UsePAM no", "Subsystem sftp /usr/lib/openssh/sftp-server", "MaxSessions 100", "LogLevel ERROR", ""]))
+        return subprocess.Popen(self._entered("exec /usr/sbin/sshd -D -e -f /etc/ssh/sshd_test_config",
+                                              dressed=True, network=True), stderr=subprocess.PIPE, text=True)

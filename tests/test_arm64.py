@@ -8,7 +8,9 @@ the token budgets here are small; the figures each test prints are for the recor
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import pytest
 import torch
 from arm64 import Arm64Board
 from commands import FAQ_DEPLOY
+from sshd import free_port, keygen
+from test_push import id_of, variant
 from tokenizers import Tokenizer
 
 from faq_deploy import models, registry
@@ -121,6 +125,13 @@ def test_level_0_logits_on_arm64_equal_this_machines(pi5: Pi5, exports) -> None:
     assert (arm.argmax(-1) == x86.argmax(-1)).all()
 
 
+def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    """Of ids[1:], each given the logits of the position before it."""
+    shifted = logits[:-1] - logits[:-1].max(-1, keepdims=True)
+    nll = np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(len(ids) - 1), ids[1:]]
+    return float(np.exp(nll.mean()))
+
+
 def test_the_level_4_bundle_on_arm64_agrees_with_the_torch_model_above_the_builds_floor(pi5: Pi5) -> None:
     """The bundle's int8 kernels differ by architecture, so its x86 parity does not describe the board:
     measured here on 512 tokens against the torch model it came from (RTN: rebuilt exactly)."""
@@ -129,10 +140,58 @@ def test_the_level_4_bundle_on_arm64_agrees_with_the_torch_model_above_the_build
     ids = _ids(pi5, 512)
     loaded = models.load(None)
     quantize(loaded.model, make_config("rtn", QuantScheme(**manifest["quantization"]["scheme"])))
-    expected = reference_logits(loaded.model, torch.tensor(ids)).numpy().argmax(-1)
-    arm = pi5.logits(f"{pi5.bundle_dir}/model", ids).argmax(-1)
-    x86 = Decoder(pi5.bundle / "model").logits(ids).argmax(-1)
-    agreement = {"arm64": float((arm == expected).mean()), "x86": float((x86 == expected).mean())}
-    print(f"level 4, {len(ids)} tokens, next-token agreement with the torch model: {agreement}, "
-          f"arm64 with x86: {float((arm == x86).mean()):.4f}")
+    logits = {"torch": reference_logits(loaded.model, torch.tensor(ids)).numpy(),
+              "arm64": pi5.logits(f"{pi5.bundle_dir}/model", ids),
+              "x86": Decoder(pi5.bundle / "model").logits(ids)}
+    top = {name: values.argmax(-1) for name, values in logits.items()}
+    agreement = {name: float((top[name] == top["torch"]).mean()) for name in ("arm64", "x86")}
+    perplexity = {name: round(_perplexity(values, ids), 4) for name, values in logits.items()}
+    print(f"level 4, {len(ids)} tokens: next-token agreement with the torch model {agreement}, arm64 with x86 "
+          f"{float((top['arm64'] == top['x86']).mean()):.4f}; perplexity {perplexity}")
     assert agreement["arm64"] >= MIN_AGREEMENT
+    assert abs(perplexity["arm64"] / perplexity["torch"] - 1) < 0.01
+
+
+def test_push_to_the_emulated_pi5_installs_the_runtime_switches_and_rolls_back(pi5: Pi5, tmp_path: Path) -> None:
+    """`faq-deploy push` to the board's own sshd: the probe, preflight, upload, install, selftest and
+    health check all run on arm64; a second bundle, then rollback, puts the first back."""
+    key, port = keygen(tmp_path / "deployer"), free_port()
+    server = pi5.board.sshd(port, key)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+                time.sleep(0.2)
+        host_key = (pi5.board.root / "etc" / "ssh" / "test_host_ed25519.pub").read_text().split()[:2]
+        (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{port} {' '.join(host_key)}\n")
+        (tmp_path / "ssh_config").write_text(
+            f"Host pi5\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {key}\n"
+            f"  IdentitiesOnly yes\n  UserKnownHostsFile {tmp_path / 'known_hosts'}\n")
+
+        def faq_deploy(*args: str) -> dict:
+            done = subprocess.run([*FAQ_DEPLOY, *args, "pi5", "--ssh-config", str(tmp_path / "ssh_config"),
+                                   "--root", "/srv/push", "--json"], capture_output=True, text=True, timeout=900)
+            assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+            return json.loads(done.stdout)
+
+        started = time.monotonic()
+        first = faq_deploy("push", str(pi5.bundle))
+        print(f"first push (runtime installed): {time.monotonic() - started:.0f} s")
+        assert first["result"] == "deployed" and first["runtime"].startswith("/srv/push/runtime/faq-runtime-")
+        assert first["selftest"]["ok"]
+        second = variant(pi5.bundle, tmp_path / "b", "b")  # no wheels: it runs on the runtime just installed
+        started = time.monotonic()
+        pushed = faq_deploy("push", str(second), "--runtime", first["runtime"])
+        print(f"second push: {time.monotonic() - started:.0f} s")
+        assert pushed["result"] == "deployed" and pushed["previous"] == id_of(pi5.bundle)
+        assert faq_deploy("status")["current"] == id_of(second)
+        assert faq_deploy("rollback") == {"host": "pi5", "current": id_of(pi5.bundle), "previous": id_of(second)}
+        current = pi5.board.root / "srv" / "push" / "current"
+        assert current.is_symlink() and Path(current.readlink()).name == id_of(pi5.bundle)
+    finally:
+        server.terminate()
+        server.wait(30)
