@@ -28,6 +28,7 @@ from faq_deploy.build import EVAL_TEXT, MIN_AGREEMENT
 from faq_deploy.data import eval_tokens, load_corpus
 from faq_deploy.detect import match
 from faq_deploy.export.parity import reference_logits
+from faq_deploy.perplexity import perplexity as score
 from faq_deploy.quant import make_config, quantize
 from faq_deploy.quant.scheme import QuantScheme
 from faq_runtime import agent
@@ -125,13 +126,6 @@ def test_level_0_logits_on_arm64_equal_this_machines(pi5: Pi5, exports) -> None:
     assert (arm.argmax(-1) == x86.argmax(-1)).all()
 
 
-def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
-    """Of ids[1:], each given the logits of the position before it."""
-    shifted = logits[:-1] - logits[:-1].max(-1, keepdims=True)
-    nll = np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(len(ids) - 1), ids[1:]]
-    return float(np.exp(nll.mean()))
-
-
 def test_the_level_4_bundle_on_arm64_agrees_with_the_torch_model_above_the_builds_floor(pi5: Pi5) -> None:
     """The bundle's int8 kernels differ by architecture, so its x86 parity does not describe the board:
     measured here on 512 tokens against the torch model it came from (RTN: rebuilt exactly)."""
@@ -145,7 +139,9 @@ def test_the_level_4_bundle_on_arm64_agrees_with_the_torch_model_above_the_build
               "x86": Decoder(pi5.bundle / "model").logits(ids)}
     top = {name: values.argmax(-1) for name, values in logits.items()}
     agreement = {name: float((top[name] == top["torch"]).mean()) for name in ("arm64", "x86")}
-    perplexity = {name: round(_perplexity(values, ids), 4) for name, values in logits.items()}
+    # one window of all the tokens, each engine's logits computed above
+    perplexity = {name: round(score(lambda _row, v=values: torch.from_numpy(v), torch.tensor(ids),
+                                    len(ids)).perplexity, 4) for name, values in logits.items()}
     print(f"level 4, {len(ids)} tokens: next-token agreement with the torch model {agreement}, arm64 with x86 "
           f"{float((top['arm64'] == top['x86']).mean()):.4f}; perplexity {perplexity}")
     assert agreement["arm64"] >= MIN_AGREEMENT
