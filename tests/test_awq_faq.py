@@ -20,15 +20,17 @@ from faq_deploy.quant.awq import (
     AwqConfig,
     activation_statistics,
     apply_scale,
+    candidate_scales,
     channel_mean_abs,
     local_loss,
     quantize_awq,
     search_scale,
+    weight_profile,
     window_loss,
 )
 from faq_deploy.quant.blocks import block_inputs, run_block
 from faq_deploy.quant.faq import FaqConfig, future, guide, mix
-from faq_deploy.quant.quantizer import quantize_weight
+from faq_deploy.quant.quantizer import fake_quantize, quantize_weight
 from faq_deploy.quant.scheme import QuantScheme
 
 SCHEME = QuantScheme(bits=3, group_size=32)
@@ -274,6 +276,28 @@ def test_window_loss_is_the_error_at_the_end_of_the_window_and_its_search_minimi
     (window, through_model), (other, _) = errors(by_window), errors(by_module)
     assert window == pytest.approx(through_model, rel=1e-4)
     assert window <= other
+
+
+@pytest.mark.parametrize(("coarse", "reach", "scored"), [
+    (1, 0, list(range(20))), (4, 0, [0, 4, 8, 12, 16, 5, 6, 7, 9, 10, 11]), (4, 2, [0, 4, 8, 12, 16, 6, 7, 9, 10])])
+def test_the_search_scores_every_coarse_ratio_then_those_within_reach(coarse: int, reach: int,
+                                                                      scored: list[int]) -> None:
+    model, calibration = tiny_model("LlamaForCausalLM"), tiny_calibration()
+    block, group = blocks_of(model)[0], architecture_of(model).groups[2]  # mlp-in
+    a = activation_statistics(model, calibration)[0, group.name]
+    config = AwqConfig(scheme=SCHEME, coarse=coarse, reach=reach)
+    linear = block.get_submodule(group.balance[0])
+    w_bar = weight_profile([block.get_submodule(name).weight for name in group.balance], SCHEME.group_size)
+    weights = [fake_quantize(linear.weight * s, SCHEME) / s
+               for s in (candidate_scales(a, w_bar, step / config.grid) for step in range(config.grid))]
+    seen: list[int] = []
+
+    def loss() -> float:  # least at ratio 9/20; which ratio stands is read off the weight
+        seen.append(next(step for step, w in enumerate(weights) if torch.equal(w, linear.weight)))
+        return abs(seen[-1] - 9.4)
+
+    s = search_scale(block, group, a, config, SCHEME, loss)
+    assert seen == scored and torch.equal(s, candidate_scales(a, w_bar, 9 / config.grid))
 
 
 @pytest.mark.parametrize("options", [

@@ -30,6 +30,12 @@ def test_year_range_selects_one_decade(real_cache: Path) -> None:
     assert decade and all(1990 <= int(d.name[:4]) <= 1999 for d in decade)
 
 
+def test_book_range_selects_the_new_testament(real_cache: Path) -> None:
+    testament = load_corpus("bible-kjv:40-66")
+    assert (len(testament), testament[0].name, testament[-1].name) == (27, "Matthew", "Revelation")
+    assert [d.name for d in load_corpus("bible-kjv:1-2")] == ["Genesis", "Exodus"]
+
+
 def test_text_file_and_folder(tmp_path: Path) -> None:
     (tmp_path / "b.txt").write_text("second")
     (tmp_path / "a.txt").write_text("first")
@@ -38,8 +44,9 @@ def test_text_file_and_folder(tmp_path: Path) -> None:
     assert load_corpus(str(tmp_path / "b.txt"))[0].text == "second"
 
 
-@pytest.mark.parametrize("spec", ["no-such-corpus", "speeches:1999-1990"])
-def test_bad_text_spec(spec: str) -> None:
+@pytest.mark.parametrize("spec", ["no-such-corpus", "speeches:1999-1990", "bible-kjv:66-40", "bible-kjv:0-3",
+                                  "bible-kjv:60-67"])
+def test_bad_text_spec(spec: str, real_cache: Path) -> None:
     with pytest.raises(TextError):
         load_corpus(spec)
 

@@ -170,7 +170,7 @@ def test_quantized_tables_carry_our_codes_and_match_torch(exports: Exports, expo
         data, scales, zeros = (_stored(graph.graph, lookup.input[i]) for i in (0, 2, 3))
         stored = from_matmulnbits(MatMulNBitsWeights(data.reshape(data.shape[0], scales.shape[1], -1), scales,
                                                      zeros, k=table.shape[1], n=table.shape[0], bits=bits,
-                                                     block_size=32), table.scheme)
+                                                     block_size=table.scheme.group_size), table.scheme)
         assert torch.equal(stored.codes, table.codes) and torch.equal(stored.zeros, table.zeros)
     ops = {n.op_type for n in graph.graph.node if n.output[0] == "logits"}
     assert ops == ({"MatMulNBits"} if head is not None else {"MatMul"})

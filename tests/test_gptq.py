@@ -15,6 +15,7 @@ from faq_deploy.quant.awq import apply_scale
 from faq_deploy.quant.blocks import block_inputs, run_block
 from faq_deploy.quant.gptq import (
     gptq_round,
+    gram,
     input_hessians,
     inverse_factor,
     inverse_factors,
@@ -23,6 +24,14 @@ from faq_deploy.quant.gptq import (
 )
 from faq_deploy.quant.quantizer import quantize_weight
 from faq_deploy.quant.scheme import QuantScheme
+
+
+@pytest.mark.parametrize("width", [576, 1536, 1537])
+def test_the_gram_product_of_halves_equals_the_whole(width: int) -> None:
+    x = torch.randn(2048, width, generator=torch.Generator().manual_seed(0))
+    product = gram(x)
+    torch.testing.assert_close(product, x.T @ x, rtol=1e-5, atol=1e-3)
+    assert torch.equal(product, product.T)
 
 
 def _check_blocks(model, calibration: torch.Tensor, scheme: QuantScheme, blocks: int) -> int:

@@ -47,6 +47,7 @@ NAMED_CORPORA: dict[str, YearRange] = {
 }
 ALL_SPEECHES = YearRange(0, 9999, newest_first=False)
 _RANGE = re.compile(r"^speeches:(\d{4})-(\d{4})$")  # e.g. speeches:1990-1999, a narrow slice
+_BOOKS = re.compile(r"^bible-kjv:(\d{1,2})-(\d{1,2})$")  # e.g. bible-kjv:40-66, the New Testament
 
 
 def speeches_dir() -> Path:
@@ -109,11 +110,19 @@ def bible_books() -> list[Document]:
 
 
 def load_corpus(spec: str) -> list[Document]:
-    """A named corpus, `speeches:FIRST-LAST`, a .txt file, or a folder of .txt files."""
+    """A named corpus, `speeches:FIRST-LAST`, `bible-kjv:FIRST-LAST` (book numbers, 1–66), a .txt file,
+    or a folder of .txt files."""
     if spec in NAMED_CORPORA:
         return speeches(NAMED_CORPORA[spec])
     if spec == KJV_CORPUS:
         return bible_books()
+    if match := _BOOKS.match(spec):
+        first, last = int(match[1]), int(match[2])
+        books = bible_books()
+        if not 1 <= first <= last <= len(books):
+            raise TextError(f"no books {first}–{last} in {KJV_CORPUS} ({spec!r})",
+                            f"number the books 1–{len(books)}, the earlier first (40-66: the New Testament)")
+        return books[first - 1:last]
     if match := _RANGE.match(spec):
         first, last = int(match[1]), int(match[2])
         if first > last:
@@ -124,7 +133,8 @@ def load_corpus(spec: str) -> list[Document]:
     if not files:
         raise TextError(
             f"no text at {spec!r}",
-            f"pass {', '.join([*NAMED_CORPORA, KJV_CORPUS])}, speeches:FIRST-LAST, a .txt file or a folder of them",
+            f"pass {', '.join([*NAMED_CORPORA, KJV_CORPUS])}, speeches:FIRST-LAST, {KJV_CORPUS}:FIRST-LAST, "
+            "a .txt file or a folder of them",
         )
     return [_read_text(f) for f in files]
 

@@ -46,11 +46,11 @@ from faq_deploy.export.options import (
                    "x86 host (8-bit nodes have no fast float kernel) [default: the target's, none for the shipped "
                    "boards].")
 @click.option("--lm-head", type=click.Choice(TABLE_KINDS), default=ExportOptions.lm_head, show_default=True,
-              help="The output projection: int8 or int4 (our RTN, blocks of 32; the largest weight a decode step "
-                   "reads, 113 → 30 MB at int8 on the default model) or float.")
+              help="The output projection: int8 or int4 (our RTN, blocks of 64 and 32; the largest weight a decode "
+                   "step reads, 113 → 29.6 MB at int8 on the default model) or float.")
 @click.option("--embedding", type=click.Choice(EMBEDDING_KINDS), default="auto", show_default=True,
-              help="The token embedding table: int8 or int4 (GatherBlockQuantized, blocks of 32) or float; auto: "
-                   "as the lm_head when the two are tied (one table serves both), int4 when untied (on "
+              help="The token embedding table: int8 or int4 (GatherBlockQuantized, blocks of 64 and 32) or float; "
+                   "auto: as the lm_head when the two are tied (one table serves both), int4 when untied (on "
                    "Qwen2.5-Coder-0.5B 70 MB less than int8 for 0.08% perplexity on held-out text).")
 @click.option("--weights", type=click.Choice(WEIGHT_FORMATS), default=None,
               help="matmulnbits: onnxruntime's fused 4-bit kernel (CPU, CUDA); qdq: DequantizeLinear → MatMul over "

@@ -20,7 +20,8 @@ from faq_deploy.quant import METHODS
               help="Quantize the model in memory first (fp when omitted).")
 @quant_options
 @click.option("--text", default="speeches-eval", show_default=True,
-              help="speeches-eval, speeches-calib, bible-kjv, speeches:FIRST-LAST, a .txt file or a folder of them.")
+              help="speeches-eval, speeches-calib, bible-kjv, speeches:FIRST-LAST, bible-kjv:FIRST-LAST (books), "
+                   "a .txt file or a folder of them.")
 @click.option("--tokens", type=click.IntRange(min=2), default=20480, show_default=True,
               help="Token budget: the first N tokens of the text.")
 @click.option("--ppl-window", type=click.IntRange(min=2), default=WINDOW, show_default=True,

@@ -71,6 +71,9 @@ quant_options = _stack(
     click.option("--coarse", type=int, default=None,
                  help="awq/faq: score every Nth of the 20 ratios, then the ratios around the best; 1 scores all "
                       f"[default: {AwqConfig.coarse} for awq, {FaqConfig.coarse} for faq]."),
+    click.option("--reach", type=int, default=None,
+                 help="awq/faq: how many ratios on each side of the best coarse one the fine step scores; 0 goes "
+                      f"up to the next coarse ratio [default: {AwqConfig.reach} for awq, {FaqConfig.reach} for faq]."),
     click.option("--clip/--no-clip", default=None, help="awq/faq: AWQ auto-clip [default: on]."),
     click.option("--alpha-search/--no-alpha-search", default=None,
                  help="awq/faq: search the scale ratio per group, or take --ratio everywhere [default: search]."),

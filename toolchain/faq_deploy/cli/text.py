@@ -20,7 +20,8 @@ def text() -> None:
 def list_text(as_json: bool) -> None:
     """Named corpora with their documents and size (fetches the text on first use).
 
-    Besides these, --text takes speeches:FIRST-LAST (a year range), a .txt file or a folder.
+    Besides these, --text takes speeches:FIRST-LAST (a year range), bible-kjv:FIRST-LAST
+    (book numbers, 40-66: the New Testament), a .txt file or a folder.
     """
     rows = []
     orders = {name: "newest first" if years.newest_first else "oldest first" for name, years in NAMED_CORPORA.items()}

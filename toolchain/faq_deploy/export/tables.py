@@ -1,7 +1,7 @@
 """The vocabulary tables: the lm_head and the embedding as our codes in the exported graph.
 
-Both exporters leave them float; a build stores each as float or our RTN in blocks of 32 at 8 or 4
-bits (TABLE_SCHEMES): the head as a MatMulNBits node (the largest weight a decode step reads), the
+Both exporters leave them float; a build stores each as float or our RTN at 8 or 4 bits
+(TABLE_SCHEMES): the head as a MatMulNBits node (the largest weight a decode step reads), the
 table as GatherBlockQuantized (a token reads one row, but the whole table is resident). The torch
 model gets the same rounding (`fake_quantize_tables`), so parity compares like with like.
 """
@@ -64,7 +64,7 @@ def quantize_tables(graph: onnx.GraphProto, head: QuantizedWeight | None, embedd
     until `set_accuracy_levels`) and the embedding Gather by a GatherBlockQuantized node of `embedding`
     (our codes; None keeps that one float). A tied pair quantized alike is stored once: the lookup
     reads the head's codes, scales and zero points (the onnxruntime-genai builder's shared_embeddings
-    form), which saves a whole table, 32.7 MB of the default model's 8-bit bundle."""
+    form), which saves a whole table, 29.6 MB of the default model's 8-bit bundle."""
     transpose = _tied_transpose(graph)
     if head is not None:  # a tied float lookup keeps the float weight through its Transpose
         node = _find(graph, LM_HEAD_NODE, "MatMul", "--lm-head float")

@@ -47,6 +47,7 @@ class AwqConfig(MethodConfig):
     method: ClassVar[str] = "awq"
     grid: int = 20          # candidate ratios r = 0, 1/grid, …, (grid−1)/grid
     coarse: int = 1         # score every coarse-th ratio, then the ratios around the best (1: all)
+    reach: int = 0          # how far on each side of the best coarse ratio the fine step looks (0: coarse − 1)
     alpha_search: bool = True  # False: every group takes `ratio`, no search (the search-free variant)
     ratio: float = 0.5
     propagate: str = "fp"   # fp (AutoAWQ): block b+1 sees block b's FP output; quant: its quantized output
@@ -63,10 +64,11 @@ class AwqConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if min(self.grid, self.coarse, self.clip_tokens, self.search_rows) < 1:
+        if min(self.grid, self.coarse, self.clip_tokens, self.search_rows) < 1 or self.reach < 0:
             raise InvalidQuantConfig(
                 f"grid={self.grid}, coarse={self.coarse}, clip_tokens={self.clip_tokens} and "
-                f"search_rows={self.search_rows} must be ≥ 1", "use the defaults (20, 1, 512 and 8)")
+                f"search_rows={self.search_rows} must be ≥ 1, reach={self.reach} ≥ 0",
+                "use the defaults (20, 1, 512, 8 and 0)")
         if not 0 <= self.ratio <= 1 or self.propagate not in PROPAGATE:
             raise InvalidQuantConfig(f"ratio={self.ratio} (0…1) or propagate={self.propagate!r} "
                                      f"({'/'.join(PROPAGATE)}) is out of range",
@@ -172,7 +174,8 @@ def search_scale(block: nn.Module, group: ScalingGroup, a: torch.Tensor, config:
     try:
         # every `coarse`-th ratio, then every ratio within reach of the best of those
         best = min(range(0, config.grid, config.coarse), key=score)
-        best = min(range(max(0, best - config.coarse + 1), min(config.grid, best + config.coarse)), key=score)
+        reach = config.reach or config.coarse - 1
+        best = min(range(max(0, best - reach), min(config.grid, best + reach + 1)), key=score)
     finally:
         for linear, w in zip(balance, originals, strict=True):
             linear.weight.copy_(w)
