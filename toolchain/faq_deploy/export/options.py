@@ -22,7 +22,7 @@ EMBEDDING_NODE = "/model/embed_tokens/Gather"
 # on the default model, float; 29.6 MB at 8 bits), the table as GatherBlockQuantized (only the rows of
 # the prompt are read, but the whole table is resident). onnxruntime 1.23.0, the floor, runs both at
 # both widths. 8-bit blocks of 64 instead of 32 save 1.3 MB of scales and zero points on the default
-# model at no measured cost (held-out perplexity +0.10% on the speeches, −0.14% on the New Testament;
+# model at no measured cost (held-out perplexity +0.08% on the speeches, −0.14% on the New Testament;
 # docs/results/tables.md); blocks of 128 would pad its 576-wide rows to 640 and cost bytes.
 TABLE_SCHEMES = {"int8": QuantScheme(8, 64), "int4": QuantScheme(4, 32)}
 TABLE_KINDS = ("float", *TABLE_SCHEMES)
