@@ -73,7 +73,7 @@ def other_weight_bytes(model: nn.Module, export: ExportOptions, scale_dtype: str
     linears = list(block_linears(model).values())
     covered = {id(linear.weight) for linear in linears}
     head, table = model.get_output_embeddings().weight, model.get_input_embeddings().weight
-    packed = [(weight, replace(TABLE_SCHEMES[kind], scale_dtype=scale_dtype))
+    packed = [(weight, replace(export.table_scheme(kind), scale_dtype=scale_dtype))
               for weight, kind in ((head, export.lm_head), (table, export.embedding)) if kind in TABLE_SCHEMES]
     stored_once = head is table and export.lm_head == export.embedding
     tables = sum(stored_bytes(*weight.shape, scheme) for weight, scheme in packed[: 1 if stored_once else 2])

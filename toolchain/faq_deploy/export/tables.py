@@ -50,7 +50,7 @@ def fake_quantize_tables(model: nn.Module, export: ExportOptions, blocks: QuantS
         if _storable(given.get(name), lookup=name != "lm_head"):
             codes.append(given[name])
         else:
-            scheme = replace(TABLE_SCHEMES[kind], symmetric=blocks.symmetric, scale_dtype=blocks.scale_dtype)
+            scheme = replace(export.table_scheme(kind), symmetric=blocks.symmetric, scale_dtype=blocks.scale_dtype)
             codes.append(quantize_weight(module.weight.detach(), scheme))
         # a new Parameter, not a copy into the old one: a tied partner keeps its own values, and an
         # untied table is not cloned first (544 MB for Qwen2.5's head)
