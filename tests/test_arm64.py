@@ -1,5 +1,6 @@
 """Bundles on arm64: a Raspberry Pi 5 bundle on an emulated Pi 5 (tests/arm64.py), from its wheelhouse
-to selftest, with its logits compared against this machine's.
+to selftest and push, with its logits compared against this machine's and its build's emulated parity
+checked.
 
 Emulation runs the real arm64 wheels (onnxruntime's arm64 kernels included) exactly, only slowly, so
 the token budgets here are small; the figures each test prints are for the record, not for speed.
@@ -24,10 +25,13 @@ from test_push import id_of, variant
 from tokenizers import Tokenizer
 
 from faq_deploy import models, registry
-from faq_deploy.build import EVAL_TEXT, MIN_AGREEMENT
+from faq_deploy.build import EVAL_TEXT, MIN_AGREEMENT, PARITY_TOKENS
 from faq_deploy.data import eval_tokens, load_corpus
 from faq_deploy.detect import match
+from faq_deploy.emulate import DEVICE_ROOT, logits_inside
+from faq_deploy.export.options import ExportOptions
 from faq_deploy.export.parity import reference_logits
+from faq_deploy.export.tables import fake_quantize_tables
 from faq_deploy.perplexity import perplexity as score
 from faq_deploy.quant import make_config, quantize
 from faq_deploy.quant.scheme import QuantScheme
@@ -37,12 +41,6 @@ from faq_runtime.model import Decoder
 pytestmark = pytest.mark.heavy
 
 BOARDS = Path(__file__).parent / "fixtures" / "boards"
-DEVICE_ROOT = "/srv/faq"  # the push's layout: bundles/<id>/, the agent under .faq/
-LOGITS = """import json, sys
-import numpy as np
-from faq_runtime.model import Decoder
-np.save(sys.argv[3], Decoder(sys.argv[1]).logits(json.load(open(sys.argv[2]))))
-"""
 
 
 class Pi5:
@@ -56,18 +54,14 @@ class Pi5:
 
     def logits(self, model_dir: str, ids: list[int]) -> np.ndarray:
         """The runtime's logits of `ids` from a model folder inside the board, computed there."""
-        (self.board.root / "tmp" / "ids.json").write_text(json.dumps(ids))
-        (self.board.root / "tmp" / "logits.py").write_text(LOGITS)
-        done = self.board.run(f"{self.python} /tmp/logits.py {model_dir} /tmp/ids.json /tmp/logits.npy")
-        assert done.returncode == 0, done.stderr[-2000:]
-        return np.load(self.board.root / "tmp" / "logits.npy")
+        return logits_inside(self.board, self.python, model_dir, ids)
 
 
 @pytest.fixture(scope="session")
 def pi5(real_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pi5]:
     out = tmp_path_factory.mktemp("pi5") / "bundle"
     built = subprocess.run([*FAQ_DEPLOY, "build", "--target", "pi5", "--method", "rtn", "--eval-tokens", "256",
-                            "--wheelhouse", "--out", str(out)], capture_output=True, text=True)
+                            "--wheelhouse", "--emulated-parity", "--out", str(out)], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-2000:]
     board = Arm64Board(tmp_path_factory.mktemp("arm64"), BOARDS / "raspberry-pi-5")
     board.put(out, f"{DEVICE_ROOT}/bundles/pi5")
@@ -100,11 +94,12 @@ def test_a_probe_whose_onnxruntime_import_crashes_still_prints_its_facts(pi5: Pi
     the import dies of SIGSEGV. The probe imports it in a child, so it reports that and carries on."""
     crash = pi5.board.run(f"{pi5.python} -c 'import onnxruntime'", dressed=False)
     assert crash.returncode == 139, (crash.returncode, crash.stderr[-500:])  # 128 + SIGSEGV, from the shell
-    probed = pi5.board.run(f"{pi5.python} -m faq_runtime.probe", dressed=False)  # as a push runs it
-    assert probed.returncode == 0, probed.stderr[-2000:]
-    facts = json.loads(probed.stdout)
-    assert facts["onnxruntime"] is None and facts["machine"] == "aarch64"
-    assert facts["onnxruntime_error"] == "importing onnxruntime crashed the interpreter (SIGSEGV)"
+    for probe in (f"{pi5.python} -m faq_runtime.probe", f"{pi5.faq_run} probe"):  # as a push runs it, the CLI
+        probed = pi5.board.run(probe, dressed=False)
+        assert probed.returncode == 0, probed.stderr[-2000:]
+        facts = json.loads(probed.stdout)
+        assert facts["onnxruntime"] is None and facts["machine"] == "aarch64"
+        assert facts["onnxruntime_error"] == "importing onnxruntime crashed the interpreter (SIGSEGV)"
 
 
 def _ids(pi5: Pi5, count: int) -> list[int]:
@@ -126,26 +121,35 @@ def test_level_0_logits_on_arm64_equal_this_machines(pi5: Pi5, exports) -> None:
     assert (arm.argmax(-1) == x86.argmax(-1)).all()
 
 
-def test_the_level_4_bundle_on_arm64_agrees_with_the_torch_model_above_the_builds_floor(pi5: Pi5) -> None:
-    """The bundle's int8 kernels differ by architecture, so its x86 parity does not describe the board:
-    measured here on 512 tokens against the torch model it came from (RTN: rebuilt exactly)."""
+def test_the_bundle_records_its_level_4_parity_measured_on_arm64(pi5: Pi5) -> None:
+    """`build --emulated-parity`: the bundle's int8 kernels differ by architecture, so its x86 parity does not
+    describe the board. The record is checked against this test's own torch model (RTN, rebuilt exactly)
+    and tables, and x86 graph, on the same tokens; the arm64 figures must clear the build's floor."""
     manifest = json.loads((pi5.bundle / "manifest.json").read_text())
     assert manifest["export"]["accuracy_level"] == 4 and manifest["quantization"]["method"] == "rtn"
-    ids = _ids(pi5, 512)
-    loaded = models.load(None)
-    quantize(loaded.model, make_config("rtn", QuantScheme(**manifest["quantization"]["scheme"])))
-    logits = {"torch": reference_logits(loaded.model, torch.tensor(ids)).numpy(),
-              "arm64": pi5.logits(f"{pi5.bundle_dir}/model", ids),
-              "x86": Decoder(pi5.bundle / "model").logits(ids)}
-    top = {name: values.argmax(-1) for name, values in logits.items()}
-    agreement = {name: float((top[name] == top["torch"]).mean()) for name in ("arm64", "x86")}
-    # one window of all the tokens, each engine's logits computed above
-    perplexity = {name: round(score(lambda _row, v=values: torch.from_numpy(v), torch.tensor(ids),
-                                    len(ids)).perplexity, 4) for name, values in logits.items()}
-    print(f"level 4, {len(ids)} tokens: next-token agreement with the torch model {agreement}, arm64 with x86 "
-          f"{float((top['arm64'] == top['x86']).mean()):.4f}; perplexity {perplexity}")
-    assert agreement["arm64"] >= MIN_AGREEMENT
-    assert abs(perplexity["arm64"] / perplexity["torch"] - 1) < 0.01
+    emulated = manifest["evaluation"]["parity_emulated"]
+    assert emulated["machine"] == "aarch64" and "cortex-a76" in emulated["emulated"]
+    assert emulated["tokens"] == PARITY_TOKENS
+    ids = _ids(pi5, PARITY_TOKENS)
+    loaded, scheme = models.load(None), QuantScheme(**manifest["quantization"]["scheme"])
+    quantize(loaded.model, make_config("rtn", scheme))
+    export = manifest["export"]  # the embedding and head as the graph stores them, as the build's reference has
+    fake_quantize_tables(loaded.model, ExportOptions(lm_head=export["lm_head"], embedding=export["embedding"]), scheme)
+    expected = reference_logits(loaded.model, torch.tensor(ids))
+    host = torch.from_numpy(Decoder(pi5.bundle / "model").logits(ids))
+
+    def window(logits: torch.Tensor) -> float:  # one window of all the tokens, as the build scores them
+        return score(lambda _row: logits, torch.tensor(ids), len(ids)).perplexity
+
+    assert emulated["perplexity_torch"] == pytest.approx(window(expected), rel=1e-4)
+    assert emulated["perplexity_host"] == pytest.approx(window(host), rel=1e-4)
+    assert emulated["argmax_agreement"] >= MIN_AGREEMENT
+    assert abs(emulated["perplexity"] / emulated["perplexity_torch"] - 1) < 0.01
+    assert emulated["agreement_with_host"] < 1  # the board's kernels computed it, not this machine's
+    assert f"parity on aarch64 (measured there, emulated) | {emulated['argmax_agreement']:.2%}" in \
+        (pi5.bundle / "REPORT.md").read_text()
+    print(f"level 4, {PARITY_TOKENS} tokens: {json.dumps(emulated)}; x86 agreement "
+          f"{manifest['evaluation']['parity']['argmax_agreement']:.4f}")
 
 
 def test_push_to_the_emulated_pi5_installs_the_runtime_switches_and_rolls_back(pi5: Pi5, tmp_path: Path) -> None:

@@ -50,6 +50,10 @@ def gpt2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["quantize", "--calib", "no-such-text", "--out", "x"], 8, "no text at 'no-such-text'"),
     (["build", "--target", "jetsn"], 10, "did you mean jetson"),
     (["build", "--weights", "qdq", "--symmetric", "--float-activations", "lm_head"], 11, "per-node accuracy level"),
+    (["build", "--target", "pi5", "--emulated-parity"], 23, "add --wheelhouse"),
+    (["build", "--target", "x86", "--emulated-parity", "--wheelhouse"], 23, "has no emulated core"),
+    (["build", "--target", "jetson", "--provider", "cuda", "--emulated-parity", "--wheelhouse"], 23,
+     "not this cuda graph's"),
 ])
 def test_bad_input_has_a_message_and_exit_code(args: list[str], code: int, message: str, real_cache: Path) -> None:
     result = invoke(*args)

@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from commands import FAQ_DEPLOY
+from commands import FAQ_DEPLOY, FAQ_RUN
 
 from faq_deploy import checks, detect, models, registry
 from faq_deploy.build import BuildResult, default_out, summary
+from faq_deploy.emulate import CORES, cpuinfo
 from faq_deploy.errors import TargetError
 from faq_deploy.export.graph import weight_files_bytes
 from faq_deploy.export.options import ExportOptions
@@ -237,12 +238,14 @@ def test_a_probe_outlives_an_onnxruntime_that_breaks_on_import(tmp_path: Path, b
     (tmp_path / "broken" / "onnxruntime").mkdir(parents=True)
     (tmp_path / "broken" / "onnxruntime" / "__init__.py").write_text(body)
     alone = shutil.copy(probe.__file__, tmp_path / "probe.py")
-    done = subprocess.run([sys.executable, alone], capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(tmp_path / "broken")})
-    assert done.returncode == 0, done.stderr
-    facts = json.loads(done.stdout)
-    assert facts["onnxruntime"] is None and facts["onnxruntime_error"] == error
-    assert facts["machine"] == platform.machine() and facts["cpu"]["cores"] >= 1
+    # the module copied alone (what a push runs) and `faq-run probe`, whose CLI must not import onnxruntime
+    for command in [[sys.executable, alone], [*FAQ_RUN, "probe"]]:
+        done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(tmp_path / "broken")})
+        assert done.returncode == 0, done.stderr
+        facts = json.loads(done.stdout)
+        assert facts["onnxruntime"] is None and facts["onnxruntime_error"] == error
+        assert facts["machine"] == platform.machine() and facts["cpu"]["cores"] >= 1
 
 
 def test_the_machine_is_the_interpreters_own(tmp_path: Path) -> None:
@@ -256,6 +259,17 @@ def test_the_machine_is_the_interpreters_own(tmp_path: Path) -> None:
     live = probe.probe("/")
     kernel = Path("/proc/sys/kernel/arch").read_text().strip()
     assert live["machine"] == platform.machine() and live["kernel_machine"] == kernel
+
+
+@pytest.mark.parametrize("tier", list(CORES))
+def test_an_emulated_cores_cpuinfo_reads_as_its_tier(tier: str, tmp_path: Path) -> None:
+    """The /proc/cpuinfo `build --emulated-parity` gives its board: onnxruntime picks its kernels from it, so
+    it must name the features of the tier the qemu core emulates, no more."""
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "cpuinfo").write_text(cpuinfo(CORES[tier], 3))
+    facts = probe.probe(str(tmp_path))["cpu"]
+    assert facts["cores"] == 3 and facts["parts"] == [CORES[tier].part]
+    assert compat.tier_of("aarch64", facts["features"]) == tier
 
 
 def test_isa_tiers_follow_llama_cpp() -> None:

@@ -38,6 +38,8 @@ _FILE_FIELDS = {"path": str, "size": int, "sha256": str}
 class BundleError(Exception):
     """A bundle that must not be run: the cause names the file and the values, the hint the fix."""
 
+    exit_code = 12  # faq-run's exit status for it
+
     def __init__(self, cause: str, hint: str = "rebuild the bundle, or push it again") -> None:
         super().__init__(cause)
         self.cause = cause

@@ -1,4 +1,9 @@
-"""`faq-run`: the device-side command (standard library argparse: click is not a runtime dependency)."""
+"""`faq-run`: the device-side command (standard library argparse: click is not a runtime dependency).
+
+The modules that import onnxruntime are imported by the commands that run a model, not here: an
+onnxruntime wheel that crashes the interpreter on import (as one can on a board whose CPU description
+it cannot parse) must leave `probe` and `verify` working, and the probe then names the crash.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +14,15 @@ import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import onnxruntime
+from typing import TYPE_CHECKING
 
 from faq_runtime import __version__, probe
 from faq_runtime.bundle import BundleError, verify
-from faq_runtime.generate import Generator
-from faq_runtime.load import CannotRun, LoadOptions, load
-from faq_runtime.model import ContextFull
 from faq_runtime.sampling import Sampling
-from faq_runtime.selftest import selftest
+
+if TYPE_CHECKING:
+    from faq_runtime.generate import Generator
+    from faq_runtime.load import LoadOptions
 
 EXAMPLES = """examples:
   faq-run generate build/jetson --prompt "My fellow citizens," --max-tokens 32
@@ -31,8 +35,16 @@ exit codes: 0 ok, 1 selftest failed, 2 bad usage, 12 bundle invalid, 13 this dev
 
 
 def _options(args: argparse.Namespace) -> LoadOptions:
+    from faq_runtime.load import LoadOptions
+
     return LoadOptions(providers=args.providers.split(",") if args.providers else None, context=args.context,
                        threads=args.threads, check_device=args.device_check, speculate=args.speculate)
+
+
+def _load(args: argparse.Namespace) -> Generator:
+    from faq_runtime.load import load
+
+    return load(args.bundle, _options(args))
 
 
 def _sampling(args: argparse.Namespace) -> Sampling:
@@ -40,6 +52,8 @@ def _sampling(args: argparse.Namespace) -> Sampling:
 
 
 def _info(args: argparse.Namespace) -> int:
+    import onnxruntime
+
     facts = {
         "faq_runtime": __version__,
         "onnxruntime": onnxruntime.__version__,
@@ -58,7 +72,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
-    generator = load(args.bundle, _options(args))
+    generator = _load(args)
     prompt = generator.template.render([{"role": "user", "content": args.prompt}]) \
         if args.chat and generator.template else args.prompt
     stream = (lambda piece, _: print(piece, end="", flush=True)) if args.stream and not args.json else None
@@ -72,8 +86,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    from faq_runtime.load import CannotRun
+
     sampling = _sampling(args)
-    generator = load(args.bundle, _options(args))
+    generator = _load(args)
     template = generator.template
     if template is None:
         raise CannotRun(f"{args.bundle} has no chat template", "use `faq-run generate` for plain completion")
@@ -103,6 +119,8 @@ def _chat(args: argparse.Namespace) -> int:
 def _reply(generator: Generator, prompt: str, args: argparse.Namespace, sampling: Sampling) -> str | None:
     """The assistant's answer to the rendered conversation, printed as it comes; None when it
     cannot fit the context."""
+    from faq_runtime.model import ContextFull
+
     ids = generator.encode(prompt)
     try:
         done = generator.complete(ids, args.max_tokens, sampling, args.stop,
@@ -117,7 +135,7 @@ def _reply(generator: Generator, prompt: str, args: argparse.Namespace, sampling
 def _serve(args: argparse.Namespace) -> int:
     from faq_runtime.server import Api, make_server  # http.server only when serving
 
-    generator = load(args.bundle, _options(args))
+    generator = _load(args)
     name = args.model_name or args.bundle.resolve().name
     server = make_server(Api(generator, name, args.max_waiting, log=not args.quiet, timeout=args.timeout),
                          args.host, args.port)
@@ -139,6 +157,8 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _selftest(args: argparse.Namespace) -> int:
+    from faq_runtime.selftest import selftest
+
     options = dataclasses.replace(_options(args), hashes=args.hashes)
     try:
         facts = selftest(args.bundle, args.tokens, options)
@@ -252,12 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except CannotRun as exc:
+    except BundleError as exc:  # CannotRun, a BundleError, has an exit code of its own
         print(f"error: {exc.cause}\nhint: {exc.hint}", file=sys.stderr)
-        return 13
-    except BundleError as exc:
-        print(f"error: {exc.cause}\nhint: {exc.hint}", file=sys.stderr)
-        return 12
+        return exc.exit_code
     except ValueError as exc:  # bad sampling values, an empty or too long prompt (ContextFull)
         print(f"error: {exc}", file=sys.stderr)
         return 2

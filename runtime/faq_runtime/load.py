@@ -25,6 +25,8 @@ from faq_runtime.template import ChatTemplate
 class CannotRun(BundleError):
     """An intact bundle this device cannot run: wrong board, too little memory, no provider works."""
 
+    exit_code = 13
+
 
 @dataclass(frozen=True)
 class LoadOptions:

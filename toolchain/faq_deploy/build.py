@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from faq_deploy import bundle, checkpoint, checks, models, wheelhouse
+from faq_deploy import bundle, checkpoint, checks, emulate, models, wheelhouse
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
-from faq_deploy.errors import ExportError
+from faq_deploy.errors import EmulationError, ExportError
 from faq_deploy.export.codes import check_codes
 from faq_deploy.export.graph import weight_files_bytes
 from faq_deploy.export.options import ExportOptions
-from faq_deploy.export.parity import Parity, compare, onnx_logits, reference_logits
+from faq_deploy.export.parity import Parity, compare, compare_logits, onnx_logits, reference_logits
 from faq_deploy.export.steps import export, finish
 from faq_deploy.jobs import quantize_loaded
 from faq_deploy.models import DEFAULT_MODEL, LoadedModel
@@ -74,6 +74,7 @@ class BuildResult:
     perplexity_bundle: float
     eval_tokens: int
     parity: dict[str, float]
+    parity_emulated: dict[str, Any] | None  # on the target's CPU architecture, emulated (--emulated-parity)
     seconds: dict[str, float]
     peak_rss_bytes: dict[str, int]  # per stage (Stages says how it is counted)
 
@@ -106,12 +107,13 @@ class Stages:
     the stage plus, when a child process (the builder) set a new peak in it, that child's, which bounds
     what the stage held at once."""
 
+    total: int = STAGES
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_bytes: dict[str, int] = field(default_factory=dict)
 
     @contextmanager
-    def __call__(self, number: int, name: str) -> Iterator[None]:
-        print(f"[{number}/{STAGES}] {name}", file=sys.stderr, flush=True)
+    def __call__(self, name: str) -> Iterator[None]:
+        print(f"[{len(self.seconds) + 1}/{self.total}] {name}", file=sys.stderr, flush=True)
         _release_memory()  # each stage starts from what the last one left alive
         with suppress(OSError):  # Linux: restart VmHWM from the current RSS, so the peak is this stage's
             Path("/proc/self/clear_refs").write_text("5")
@@ -139,6 +141,35 @@ def _load(model_spec: str | None, config: MethodConfig, target: Target, options:
     return loaded, options
 
 
+def _emulation_checked(target: Target, options: ExportOptions, wheels: bool) -> None:
+    """What --emulated-parity needs, checked before the long work."""
+    if not wheels:
+        raise EmulationError("--emulated-parity installs the runtime in the emulated board from the bundle's wheels",
+                             "add --wheelhouse")
+    if options.provider != "cpu":
+        raise EmulationError(f"the emulated board runs onnxruntime's CPU provider, not this {options.provider} graph's",
+                             "drop --emulated-parity, or build with --provider cpu")
+    emulate.core_for(target)
+    emulate.check_host()
+
+
+def _emulated_parity(target: Target, expected: torch.Tensor, decoder: Decoder, ids: torch.Tensor, work: Path,
+                     wheels: Path) -> dict[str, Any]:
+    """Parity and perplexity (one window of `ids`) of the graph as the target's CPU architecture computes
+    it, beside this machine's: the build's gate stays this machine's figure."""
+    core = emulate.core_for(target)
+    board = torch.from_numpy(emulate.emulated_logits(target, decoder.folder, wheels, ids.tolist(), work))
+    host = torch.from_numpy(decoder.logits(ids.tolist()))
+
+    def window(logits: torch.Tensor) -> float:
+        return round(perplexity(lambda _row: logits, ids, len(ids)).perplexity, 4)
+
+    return {"machine": target.identity.machine, "emulated": f"qemu-user {core.qemu}, Debian {emulate.SUITE}",
+            **asdict(compare_logits(expected, board)),
+            "agreement_with_host": float((board.argmax(-1) == host.argmax(-1)).float().mean()),
+            "perplexity": window(board), "perplexity_host": window(host), "perplexity_torch": window(expected)}
+
+
 def _checked_parity(expected: torch.Tensor, decoder: Decoder, ids: torch.Tensor) -> Parity:
     parity = compare(expected, decoder, ids)
     if parity.argmax_agreement < MIN_AGREEMENT:
@@ -155,25 +186,28 @@ def default_out(model_spec: str | None, target: Target) -> Path:
 
 def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibration, target: Target, out: Path,
               options: ExportOptions, n_eval: int, context: int, *, force: bool = False, wheels: bool = False,
-              tar: bool = False, budget_bytes: int | None = None) -> BuildResult:
+              tar: bool = False, budget_bytes: int | None = None, emulated_parity: bool = False) -> BuildResult:
     """Build a bundle of `model_spec` for `target`. The target's checks run on an estimate right after
     loading (so a build that cannot work stops in seconds) and again on the exported files. `wheels`
     adds the runtime's wheelhouse for the target (fetched in stage 1, before the long work); `tar` also
-    writes `<out>.tar`; `budget_bytes` caps the weight files by mixed precision (jobs.quantize_loaded)."""
-    stage = Stages()
+    writes `<out>.tar`; `budget_bytes` caps the weight files by mixed precision (jobs.quantize_loaded);
+    `emulated_parity` measures parity again on the target's CPU architecture under emulation (emulate.py)."""
+    if emulated_parity:
+        _emulation_checked(target, options, wheels)
+    stage = Stages(STAGES + emulated_parity)
     # quantize for the scales the graph holds, so codes, torch model and graph all agree on them
     config = replace(config, scheme=replace(config.scheme, scale_dtype=options.scale_dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-work-") as tmp:
         work = Path(tmp)
-        with stage(1, "load model and held-out text" + (", download wheels" if wheels else "")):
+        with stage("load model and held-out text" + (", download wheels" if wheels else "")):
             loaded, options = _load(model_spec, config, target, options, context, force)
             wheel_line = wheelhouse.download(target, work / "wheels") if wheels else None
             ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(EVAL_TEXT), max(n_eval, PARITY_TOKENS))
             scored, window = ids[:n_eval], min(WINDOW, n_eval)
             float_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
             before = perplexity(loaded.model, scored, window)
-        with stage(2, f"quantize ({config.method})"):
+        with stage(f"quantize ({config.method})"):
             quantized = quantize_loaded(loaded, config, calibration, budget_bytes, options)
             config = quantized.config  # with the budget's schemes
             used = calibration if config.needs_calibration or budget_bytes else None
@@ -183,11 +217,11 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             # the next stage starts) and comes back from the checkpoint, the same values, for the edits
             # and parity. On Qwen2.5-Coder-0.5B the build's peak went from 12.7 to 5.5 GB.
             del loaded, quantized
-        with stage(3, f"export ({options.exporter})"):
+        with stage(f"export ({options.exporter})"):
             model_dir = export(ckpt, work / "model", options)
             modules = check_codes(model_dir, weights)
             del weights
-        with stage(4, "edit tables, accuracy levels and scales"):
+        with stage("edit tables, accuracy levels and scales"):
             read = checkpoint.load(ckpt)
             finish(model_dir, read, options, config.scheme)
             model = read.model
@@ -195,14 +229,20 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
             if budget_bytes and (written := weight_files_bytes(model_dir)) > budget_bytes:
                 raise ExportError(f"the weight files hold {written:,} bytes, over the budget of {budget_bytes:,}",
                                   "report this (the estimate missed); a slightly lower --budget builds")
-        with stage(5, "parity with the quantized torch model"):
+        with stage("parity with the quantized torch model"):
             expected = reference_logits(model, ids[:PARITY_TOKENS])
             del model  # before the graph loads: the two at once were the build's peak (7.1 GB on Qwen2.5-0.5B)
             decoder = Decoder(model_dir)
             parity = _checked_parity(expected, decoder, ids[:PARITY_TOKENS])
-        with stage(6, "perplexity of the exported graph"):
+        with stage("perplexity of the exported graph"):
             after = perplexity(onnx_logits(decoder), scored, window)
-        with stage(7, "bundle"):
+        emulated = None
+        if emulated_parity:
+            with stage(f"parity on {target.identity.machine}, emulated"):
+                emulated = _emulated_parity(target, expected, decoder, ids[:PARITY_TOKENS], work / "emulated",
+                                            work / "wheels")
+        del expected
+        with stage("bundle"):
             spec = decoder.spec
             footprint = checks.measure(model_dir, spec.layers, spec.kv_heads, spec.head_size,
                                        np.dtype(decoder.kv_dtype).itemsize, context)
@@ -215,7 +255,7 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
                 decode_ceiling_tokens_s=fit.decode_ceiling_tokens_s,
                 warnings=[p.cause for p in fit.problems], notes=config.notes,
                 perplexity_float=round(before.perplexity, 4), perplexity_bundle=round(after.perplexity, 4),
-                eval_tokens=before.tokens, parity=asdict(parity))
+                eval_tokens=before.tokens, parity=asdict(parity), parity_emulated=emulated)
             sections = {
                 "source": {"name": source.name, "kind": source.kind, "sha256": source.sha256,
                            "license": source.license, "upstream": source.upstream},
@@ -230,7 +270,8 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
                            "decode_ceiling_tokens_s": fit.decode_ceiling_tokens_s},
                 "evaluation": {"text": EVAL_TEXT, "tokens": before.tokens, "window": window,
                                "perplexity_float": result["perplexity_float"],
-                               "perplexity_bundle": result["perplexity_bundle"], "parity": asdict(parity)},
+                               "perplexity_bundle": result["perplexity_bundle"], "parity": asdict(parity),
+                               **({"parity_emulated": emulated} if emulated else {})},
             }
             written = bundle.write(out, model_dir, sections, report(result, target, parity),
                                    work / "wheels" if wheels else None)
@@ -254,6 +295,8 @@ def summary(result: BuildResult, target: Target) -> list[str]:
         f"perplexity {result.perplexity_float:.4f} float → {result.perplexity_bundle:.4f} bundle "
         f"({result.eval_tokens} tokens)",
         f"parity     {result.parity['argmax_agreement']:.2%} next-token agreement with the torch model",
+        *([f"{result.parity_emulated['machine']:<10} {emulated_words(result.parity_emulated)}"]
+          if result.parity_emulated else []),
         f"time       {sum(result.seconds.values()):.0f} s ({seconds})",
         f"rss        {max(result.peak_rss_bytes.values()) / 1e9:.2f} GB at the build's peak ({peaks})",
         *(f"note       {note}" for note in result.notes),
@@ -275,10 +318,20 @@ def report(result: dict[str, Any], target: Target, parity: Parity) -> str:
         f"| parity with the quantized torch model | {parity.argmax_agreement:.2%} next-token agreement, "
         f"max relative logit difference {parity.max_rel_diff:.2e} over {parity.tokens} tokens |",
     ]
+    if emulated := result["parity_emulated"]:
+        lines.append(f"| parity on {emulated['machine']} (measured there, emulated) | {emulated_words(emulated)} |")
     lines += [f"| {key} | {value} |" for key, value in fit_lines(result, target).items()]
     if result["notes"]:
         lines += ["", "## Notes", "", *(f"- {note}" for note in result["notes"])]
     return "\n".join(lines) + "\n"
+
+
+def emulated_words(emulated: dict[str, Any]) -> str:
+    """The emulated parity record, worded for the summary and REPORT.md."""
+    return (f"{emulated['argmax_agreement']:.2%} next-token agreement with the torch model over {emulated['tokens']} "
+            f"tokens ({emulated['agreement_with_host']:.2%} with this machine's graph); perplexity of one "
+            f"{emulated['tokens']}-token window {emulated['perplexity']:.4f} against {emulated['perplexity_host']:.4f} "
+            f"here and {emulated['perplexity_torch']:.4f} in torch ({emulated['emulated']})")
 
 
 def method_words(result: dict[str, Any]) -> str:

@@ -138,6 +138,12 @@ class FleetFailed(FaqDeployError):
     exit_code = 22
 
 
+class EmulationError(FaqDeployError):
+    """Emulation failed: this machine cannot emulate the target's CPU, or the bundle failed under emulation."""
+
+    exit_code = 23
+
+
 EXIT_CODES: dict[int, str] = {
     0: "Success.",
     1: "Internal error: a bug; rerun with FAQ_DEPLOY_DEBUG=1 and report the traceback.",

@@ -65,13 +65,19 @@ from faq_deploy.export.options import (
 @click.option("--wheelhouse", is_flag=True,
               help="Add wheels/: faq-runtime and its dependencies for the target's platform and Python, so the "
                    "board installs offline (pip install --no-index --find-links wheels faq-runtime).")
+@click.option("--emulated-parity", is_flag=True,
+              help="Also measure parity and perplexity on the target's CPU architecture, in an arm64 userland "
+                   "emulated by qemu-user (its int8 kernels round unlike x86's), and record them in the manifest "
+                   "and REPORT.md; the build's gate stays this machine's figure. Needs --wheelhouse, root, "
+                   "qemu-user-static, binfmt-support and debootstrap; a few minutes (the first run makes the "
+                   "arm64 root, about 5 more).")
 @click.option("--tar", is_flag=True, help="Also write <out>.tar of the bundle.")
 @targets_dir_option
 @json_option
 def build_cmd(target_name: str | None, model_spec: str | None, method: str, out: Path | None,
               exporter: str | None, provider: str | None, accuracy_level: int | None,
               float_activations: tuple[str, ...], lm_head: str, embedding: str, weights: str | None,
-              eval_tokens: int, context: int | None, force: bool, wheelhouse: bool, tar: bool,
+              eval_tokens: int, context: int | None, force: bool, wheelhouse: bool, emulated_parity: bool, tar: bool,
               targets_dirs: tuple[Path, ...], as_json: bool, **options: Any) -> None:
     """Quantize, export to ONNX and pack a verified bundle for a board.
 
@@ -96,7 +102,8 @@ def build_cmd(target_name: str | None, model_spec: str | None, method: str, out:
                                       embedding=embedding)
     out = out or default_out(model_spec, target)
     result = run_build(model_spec, config, calibration, target, out, export, eval_tokens,
-                       context or target.build.context, force=force, wheels=wheelhouse, tar=tar, budget_bytes=budget)
+                       context or target.build.context, force=force, wheels=wheelhouse, tar=tar, budget_bytes=budget,
+                       emulated_parity=emulated_parity)
     if as_json:
         emit(result, as_json=True)
         return
