@@ -173,10 +173,10 @@ np.save(sys.argv[3], Decoder(sys.argv[1]).logits(json.load(open(sys.argv[2]))))
 """
 
 
-def runtime_python(board: EmulatedBoard, wheels: Path, agent: Path) -> str:
+def runtime_python(board: EmulatedBoard, wheels: Path) -> str:
     """Install faq-runtime in the board from `wheels` with the device agent, as a push does; its Python."""
     board.put(wheels, f"{DEVICE_ROOT}/bundles/build/wheels")
-    board.put(agent, f"{DEVICE_ROOT}/.faq/agent.py")
+    board.put(Path(agent.__file__), f"{DEVICE_ROOT}/.faq/agent.py")
     done = board.run(f"python3 {DEVICE_ROOT}/.faq/agent.py install {DEVICE_ROOT} build")
     installed = json.loads(done.stdout) if done.returncode == 0 else {}
     if not installed.get("runtime"):
@@ -203,5 +203,5 @@ def emulated_logits(target: Target, model_dir: Path, wheels: Path, ids: list[int
     work.mkdir(parents=True, exist_ok=True)
     (work / "cpuinfo").write_text(cpuinfo(core, target.capability.cores or 4))  # cores unstated: a Pi's 4
     board = EmulatedBoard(work / "board", Dress(work / "cpuinfo"), core.qemu)
-    python = runtime_python(board, wheels, Path(agent.__file__))
+    python = runtime_python(board, wheels)
     return logits_inside(board, python, board.put(model_dir, f"{DEVICE_ROOT}/bundles/build/model"), ids)
