@@ -67,6 +67,20 @@ def copy_tree(src: Path, dest: Path) -> Path:
     return dest
 
 
+def first_blocks(spec: str | None, blocks: int, folder: Path) -> Path:
+    """A model folder holding the real model `spec` cut to its first `blocks` blocks, its own weights and
+    tokenizer: the same graph layout and export path as the whole model, at a fraction of the trace."""
+    loaded = models.load(spec)
+    model = loaded.model
+    model.model.layers = model.model.layers[:blocks]
+    model.config.num_hidden_layers = blocks
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:blocks]
+    model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def x86_bundle(real_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real bundle for this machine (RTN, default target x86) with its wheelhouse and tar."""

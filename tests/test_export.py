@@ -15,7 +15,7 @@ import onnxruntime_genai as og
 import pytest
 import torch
 from commands import FAQ_DEPLOY, FAQ_RUN, TINY_FAQ
-from conftest import Exports
+from conftest import Exports, first_blocks
 from genai import genai_greedy, genai_logits
 from onnx import TensorProto
 from tiny_models import TINY, tiny_calibration, tiny_model
@@ -44,6 +44,7 @@ BOTH = pytest.mark.parametrize("exporter", EXPORTERS)
 # 3-bit codes travel in the same 4-bit nodes whichever exporter placed them: the builder checks the
 # packing of 3-bit codes, and each exporter its graph at 4 bits (a full-model dynamo trace is minutes)
 EVERY_WIDTH = pytest.mark.parametrize("bits, exporter", [(4, e) for e in EXPORTERS] + [(3, "builder")])
+DYNAMO_BLOCKS = 4  # the dynamo build's model: the default model's first blocks
 
 
 @pytest.fixture(scope="module")
@@ -279,11 +280,16 @@ def test_a_cuda_bundle_is_a_float16_graph_of_our_codes(real_cache: Path, tmp_pat
 @pytest.fixture(scope="module", params=EXPORTERS)
 def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """`faq-deploy build --target jetson` end to end with each exporter: the session's builder bundle, and
-    the same build by torch.onnx (which keeps its lm_head at accuracy level 0)."""
+    the same build by torch.onnx (which keeps its lm_head at accuracy level 0) of the model's first
+    blocks: the whole model's dynamo trace is test_level_0_export_…[4-dynamo]'s, and a second one here
+    would add 100 s for the same graph layout."""
     if request.param == "builder":
         return request.getfixturevalue("jetson_bundle")
-    out = tmp_path_factory.mktemp("bundles") / "jetson"
-    done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetson", "--exporter", "dynamo", *TINY_FAQ,
+    folder = tmp_path_factory.mktemp("bundles")
+    model = first_blocks(None, DYNAMO_BLOCKS, folder / "model")
+    out = folder / "jetson"
+    done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetson", "--model", str(model), "--exporter", "dynamo",
+                           *TINY_FAQ,
                            "--eval-tokens", "1024", "--float-activations", "lm_head", "--out", str(out), "--json"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -296,7 +302,8 @@ def test_build_writes_a_verified_bundle(built: tuple[Path, dict]) -> None:
     assert result["bundle_id"] == manifest["bundle_id"] and result["target"] == "jetson-orin-nano-8gb"
     assert result["peak_rss_bytes"].keys() == result["seconds"].keys()  # every stage's peak memory
     assert all(100e6 < peak < 16e9 for peak in result["peak_rss_bytes"].values())
-    assert manifest["quantization"]["method"] == "faq" and manifest["quantization"]["modules"] == 210
+    layers = json.loads((out / "model" / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"]
+    assert manifest["quantization"]["method"] == "faq" and manifest["quantization"]["modules"] == 7 * layers
     assert manifest["quantization"]["calibration"]["samples"] == 2
     assert manifest["export"]["accuracy_level"] == 4 and manifest["export"]["exporter"] in EXPORTERS
     assert manifest["export"]["lm_head"] == manifest["export"]["embedding"] == "int8"

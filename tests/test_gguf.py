@@ -37,6 +37,7 @@ from faq_deploy.quant.gguf import FORMS, GgufFile, rounded_twice, to_codes, wide
 from faq_deploy.quant.packing import from_matmulnbits, to_matmulnbits
 from faq_deploy.quant.quantizer import QuantizedWeight
 from faq_deploy.quant.scheme import QuantScheme
+from faq_runtime.files import sha256_file
 from faq_runtime.model import Decoder
 
 # gguf-py quantizes these itself; the K-quants it only reads
@@ -225,11 +226,14 @@ def rewritten(source: Path, out: Path, changes: dict[str, tuple[str, T]]) -> Pat
 
 
 @pytest.mark.heavy
-def test_a_build_says_which_tensors_left_the_files_codes_and_why(real_cache: Path, tmp_path: Path) -> None:
+def test_a_build_says_which_tensors_left_the_files_codes_and_why(real_cache: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The default model's file with one block weight in float32 (no exact form) and its table held
     twice, as Qwen2.5's files hold theirs (the head Q8_0, the lookup Q5_0): the float weight is
     re-quantized by RTN, the finer table serves both uses, and the summary, REPORT.md and the
-    manifest say so."""
+    manifest say so. The file's float copy, made by the build in an empty cache, is the embedded
+    model's float model wherever the file was not rewritten."""
+    embedded = models.load(None).model.state_dict()
     source = models.fetch_embedded()
     file = rewritten(source, tmp_path / "rewritten.gguf", {
         "blk.0.ffn_down.weight": ("blk.0.ffn_down.weight", T.F32),
@@ -260,3 +264,14 @@ def test_a_build_says_which_tensors_left_the_files_codes_and_why(real_cache: Pat
     lookup = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
     rows = next(n for n in graph.node if n.output[0] == lookup.input[0])  # the head's codes, reshaped
     assert rows.input[0] == head.input[1] and lookup.input[2:] == head.input[2:]
+
+    monkeypatch.setenv("FAQ_DEPLOY_CACHE", str(cache))
+    ref = models.resolve(str(file))  # the build's conversion, found in its cache
+    assert ref.kind == "gguf" and ref.sha256 == sha256_file(file) and Path(ref.path).is_relative_to(cache)
+    config = json.loads((Path(ref.path) / "config.json").read_text())
+    assert "quantization_config" not in config  # a leftover GGUF config breaks saving and readers
+    converted = models.load(str(file)).model.state_dict()
+    tables = {"model.embed_tokens.weight", "lm_head.weight"}  # rewritten: Q5_0 and Q8_0 from the Q8_0 table
+    assert converted.keys() == embedded.keys() and tables <= embedded.keys()
+    assert all(torch.equal(converted[k], embedded[k]) for k in embedded.keys() - tables)
+    assert not torch.equal(converted["model.embed_tokens.weight"], embedded["model.embed_tokens.weight"])

@@ -41,10 +41,3 @@ def test_quantization_damage_orders_as_expected(real_cache: Path) -> None:
             quantize(loaded.model, make_config("rtn", scheme))
         results[label] = perplexity(loaded.model, _ids(loaded, 1024), window=1024).perplexity
     assert results["fp"] < results["w4g32"] < results["w3g64"]
-
-
-@pytest.mark.heavy
-def test_float_reference_reads_the_published_23_14(default_model: LoadedModel) -> None:
-    """The float model reads 23.14 on the first 20,480 evaluation tokens, 1024-token windows."""
-    result = perplexity(default_model.model, _ids(default_model, 20480), window=1024)
-    assert result.perplexity == pytest.approx(23.1403, abs=0.005)

