@@ -175,7 +175,7 @@ def test_quantized_tables_carry_our_codes_and_match_torch(exports: Exports, expo
         assert torch.equal(stored.codes, table.codes) and torch.equal(stored.zeros, table.zeros)
     ops = {n.op_type for n in graph.graph.node if n.output[0] == "logits"}
     assert ops == ({"MatMulNBits"} if head is not None else {"MatMul"})
-    parity = compare(model, Decoder(folder), eval_ids[:1000])
+    parity = compare(model, Decoder(folder), eval_ids[:256])  # the blocks' 1,000-token parity is the level-0 test's
     assert parity.max_rel_diff <= 1e-4 and parity.argmax_agreement == 1.0, parity
 
 
