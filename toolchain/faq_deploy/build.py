@@ -29,9 +29,9 @@ from faq_deploy.export.options import ExportOptions
 from faq_deploy.export.parity import Parity, compare, compare_logits, onnx_logits, reference_logits
 from faq_deploy.export.steps import export, finish
 from faq_deploy.jobs import quantize_loaded
-from faq_deploy.models import DEFAULT_MODEL, LoadedModel
-from faq_deploy.perplexity import WINDOW, perplexity
-from faq_deploy.quant import describe
+from faq_deploy.models import DEFAULT_MODEL, LoadedModel, ModelRef
+from faq_deploy.perplexity import WINDOW, Logits, Perplexity, perplexity
+from faq_deploy.quant import QuantizedWeight, describe
 from faq_deploy.quant.gguf import GgufConfig
 from faq_deploy.quant.scheme import MethodConfig
 from faq_deploy.registry import Target
@@ -184,6 +184,86 @@ def default_out(model_spec: str | None, target: Target) -> Path:
     return Path("build") / f"{name.lower()}-{target.name}"
 
 
+@dataclass(frozen=True)
+class _HeldOut:
+    """The held-out tokens a build checks the bundle on, and the float model's score there."""
+
+    ids: torch.Tensor        # parity reads the first PARITY_TOKENS, perplexity the first `scored`
+    scored: int
+    before: Perplexity       # the float model's
+    float_bytes: int
+
+    @property
+    def parity_ids(self) -> torch.Tensor:
+        return self.ids[:PARITY_TOKENS]
+
+    def score(self, logits: Logits) -> Perplexity:
+        return perplexity(logits, self.ids[:self.scored], self.before.window)
+
+
+def _held_out(loaded: LoadedModel, n_eval: int) -> _HeldOut:
+    ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(EVAL_TEXT), max(n_eval, PARITY_TOKENS))
+    return _HeldOut(ids, n_eval, perplexity(loaded.model, ids[:n_eval], min(WINDOW, n_eval)),
+                    sum(p.numel() * p.element_size() for p in loaded.model.parameters()))
+
+
+@dataclass(frozen=True)
+class _Quantized:
+    """What the quantize stage leaves on disk, and how it was made."""
+
+    checkpoint: Path
+    config: MethodConfig                # with the budget's schemes
+    calibration: Calibration | None     # None where the method used no calibration text
+    source: ModelRef
+
+
+def _quantize(loaded: LoadedModel, config: MethodConfig, calibration: Calibration, budget_bytes: int | None,
+              options: ExportOptions, folder: Path) -> tuple[_Quantized, dict[str, QuantizedWeight]]:
+    """The quantized checkpoint, and the packed codes the export is checked against."""
+    quantized = quantize_loaded(loaded, config, calibration, budget_bytes, options)
+    used = calibration if quantized.config.needs_calibration or budget_bytes else None
+    path = checkpoint.save(quantized, loaded.tokenizer, loaded.ref, folder, used)
+    return _Quantized(path, quantized.config, used, loaded.ref), quantized.weights
+
+
+def _finish(model_dir: Path, quantized: _Quantized, options: ExportOptions,
+            budget_bytes: int | None) -> torch.nn.Module:
+    """Edit the exported graph into the bundle's (tables, accuracy levels, scales); returns the torch
+    model the edits agree with, read back from the checkpoint."""
+    read = checkpoint.load(quantized.checkpoint)
+    finish(model_dir, read, options, quantized.config.scheme)
+    if budget_bytes and (written := weight_files_bytes(model_dir)) > budget_bytes:
+        raise ExportError(f"the weight files hold {written:,} bytes, over the budget of {budget_bytes:,}",
+                          "report this (the estimate missed); a slightly lower --budget builds")
+    return read.model
+
+
+def _sections(quantized: _Quantized, target: Target, options: ExportOptions, footprint: checks.Footprint,
+              fit: checks.Assessment, result: dict[str, Any], text: _HeldOut, modules: int,
+              budget_bytes: int | None, wheel_line: str | None) -> dict[str, Any]:
+    """manifest.json's sections beside the files: where the model came from, how it was quantized and
+    exported, what the target needs, what it holds in memory, and what the build measured."""
+    source = quantized.source
+    return {
+        "source": {"name": source.name, "kind": source.kind, "sha256": source.sha256,
+                   "license": source.license, "upstream": source.upstream},
+        "quantization": {**describe(quantized.config),
+                         "calibration": asdict(quantized.calibration) if quantized.calibration else None,
+                         "modules": modules, "budget_bytes": budget_bytes},
+        "export": asdict(options),
+        "target": {"name": target.name, "description": target.description,
+                   "compatibility": checks.requirements(target, footprint, options, wheel_line)},
+        "memory": {"weights_bytes": footprint.weights_bytes, "kv_cache_bytes": footprint.kv_cache_bytes,
+                   "overhead_bytes": footprint.overhead_bytes, "total_bytes": footprint.total_bytes,
+                   "context": result["context"], "fits_gb": list(fit.fits_gb),
+                   "decode_ceiling_tokens_s": fit.decode_ceiling_tokens_s},
+        "evaluation": {"text": EVAL_TEXT, "tokens": text.before.tokens, "window": text.before.window,
+                       "perplexity_float": result["perplexity_float"],
+                       "perplexity_bundle": result["perplexity_bundle"], "parity": result["parity"],
+                       **({"parity_emulated": result["parity_emulated"]} if result["parity_emulated"] else {})},
+    }
+
+
 def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibration, target: Target, out: Path,
               options: ExportOptions, n_eval: int, context: int, *, force: bool = False, wheels: bool = False,
               tar: bool = False, budget_bytes: int | None = None, emulated_parity: bool = False) -> BuildResult:
@@ -191,7 +271,11 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
     loading (so a build that cannot work stops in seconds) and again on the exported files. `wheels`
     adds the runtime's wheelhouse for the target (fetched in stage 1, before the long work); `tar` also
     writes `<out>.tar`; `budget_bytes` caps the weight files by mixed precision (jobs.quantize_loaded);
-    `emulated_parity` measures parity again on the target's CPU architecture under emulation (emulate.py)."""
+    `emulated_parity` measures parity again on the target's CPU architecture under emulation (emulate.py).
+
+    Each stage is one or two calls; what one stage hands the next is named here, and the big objects
+    (the float model, the packed codes, the torch reference) are dropped as soon as the next stage no
+    longer needs them, since each stage's peak memory is measured and reported."""
     if emulated_parity:
         _emulation_checked(target, options, wheels)
     stage = Stages(STAGES + emulated_parity)
@@ -200,81 +284,54 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-work-") as tmp:
         work = Path(tmp)
+        wheel_dir = work / "wheels" if wheels else None
         with stage("load model and held-out text" + (", download wheels" if wheels else "")):
             loaded, options = _load(model_spec, config, target, options, context, force)
-            wheel_line = wheelhouse.download(target, work / "wheels") if wheels else None
-            ids = eval_tokens(loaded.tokenizer.backend_tokenizer, load_corpus(EVAL_TEXT), max(n_eval, PARITY_TOKENS))
-            scored, window = ids[:n_eval], min(WINDOW, n_eval)
-            float_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-            before = perplexity(loaded.model, scored, window)
+            wheel_line = wheelhouse.download(target, wheel_dir) if wheel_dir else None
+            text = _held_out(loaded, n_eval)
         with stage(f"quantize ({config.method})"):
-            quantized = quantize_loaded(loaded, config, calibration, budget_bytes, options)
-            config = quantized.config  # with the budget's schemes
-            used = calibration if config.needs_calibration or budget_bytes else None
-            ckpt = checkpoint.save(quantized, loaded.tokenizer, loaded.ref, work / "checkpoint", used)
-            source, weights = loaded.ref, quantized.weights
+            quantized, weights = _quantize(loaded, config, calibration, budget_bytes, options, work / "checkpoint")
             # The exporter holds the whole model again in its own process: ours goes meanwhile (freed as
             # the next stage starts) and comes back from the checkpoint, the same values, for the edits
             # and parity. On Qwen2.5-Coder-0.5B the build's peak went from 12.7 to 5.5 GB.
-            del loaded, quantized
+            del loaded
         with stage(f"export ({options.exporter})"):
-            model_dir = export(ckpt, work / "model", options)
+            model_dir = export(quantized.checkpoint, work / "model", options)
             modules = check_codes(model_dir, weights)
             del weights
         with stage("edit tables, accuracy levels and scales"):
-            read = checkpoint.load(ckpt)
-            finish(model_dir, read, options, config.scheme)
-            model = read.model
-            del read
-            if budget_bytes and (written := weight_files_bytes(model_dir)) > budget_bytes:
-                raise ExportError(f"the weight files hold {written:,} bytes, over the budget of {budget_bytes:,}",
-                                  "report this (the estimate missed); a slightly lower --budget builds")
+            model = _finish(model_dir, quantized, options, budget_bytes)
         with stage("parity with the quantized torch model"):
-            expected = reference_logits(model, ids[:PARITY_TOKENS])
+            expected = reference_logits(model, text.parity_ids)
             del model  # before the graph loads: the two at once were the build's peak (7.1 GB on Qwen2.5-0.5B)
             decoder = Decoder(model_dir)
-            parity = _checked_parity(expected, decoder, ids[:PARITY_TOKENS])
+            parity = _checked_parity(expected, decoder, text.parity_ids)
         with stage("perplexity of the exported graph"):
-            after = perplexity(onnx_logits(decoder), scored, window)
+            after = text.score(onnx_logits(decoder))
         emulated = None
         if emulated_parity:
             with stage(f"parity on {target.identity.machine}, emulated"):
-                emulated = _emulated_parity(target, expected, decoder, ids[:PARITY_TOKENS], work / "emulated",
+                emulated = _emulated_parity(target, expected, decoder, text.parity_ids, work / "emulated",
                                             work / "wheels")
         del expected
         with stage("bundle"):
             spec = decoder.spec
             footprint = checks.measure(model_dir, spec.layers, spec.kv_heads, spec.head_size,
                                        np.dtype(decoder.kv_dtype).itemsize, context)
+            config = quantized.config
             fit = _checked(target, config, options, footprint, force)
             result = dict(
-                target=target.name, model=source.name, method=config.method, bits=config.scheme.bits,
-                group=config.scheme.group_size, float_bytes=float_bytes, weights_bytes=footprint.weights_bytes,
+                target=target.name, model=quantized.source.name, method=config.method, bits=config.scheme.bits,
+                group=config.scheme.group_size, float_bytes=text.float_bytes, weights_bytes=footprint.weights_bytes,
                 kv_cache_bytes=footprint.kv_cache_bytes, memory_bytes=footprint.total_bytes, context=context,
                 fits_gb=list(fit.fits_gb), too_small_gb=list(fit.too_small_gb),
                 decode_ceiling_tokens_s=fit.decode_ceiling_tokens_s,
                 warnings=[p.cause for p in fit.problems], notes=config.notes,
-                perplexity_float=round(before.perplexity, 4), perplexity_bundle=round(after.perplexity, 4),
-                eval_tokens=before.tokens, parity=asdict(parity), parity_emulated=emulated)
-            sections = {
-                "source": {"name": source.name, "kind": source.kind, "sha256": source.sha256,
-                           "license": source.license, "upstream": source.upstream},
-                "quantization": {**describe(config), "calibration": asdict(used) if used else None,
-                                 "modules": modules, "budget_bytes": budget_bytes},
-                "export": asdict(options),
-                "target": {"name": target.name, "description": target.description,
-                           "compatibility": checks.requirements(target, footprint, options, wheel_line)},
-                "memory": {"weights_bytes": footprint.weights_bytes, "kv_cache_bytes": footprint.kv_cache_bytes,
-                           "overhead_bytes": footprint.overhead_bytes, "total_bytes": footprint.total_bytes,
-                           "context": context, "fits_gb": list(fit.fits_gb),
-                           "decode_ceiling_tokens_s": fit.decode_ceiling_tokens_s},
-                "evaluation": {"text": EVAL_TEXT, "tokens": before.tokens, "window": window,
-                               "perplexity_float": result["perplexity_float"],
-                               "perplexity_bundle": result["perplexity_bundle"], "parity": asdict(parity),
-                               **({"parity_emulated": emulated} if emulated else {})},
-            }
-            written = bundle.write(out, model_dir, sections, report(result, target, parity),
-                                   work / "wheels" if wheels else None)
+                perplexity_float=round(text.before.perplexity, 4), perplexity_bundle=round(after.perplexity, 4),
+                eval_tokens=text.before.tokens, parity=asdict(parity), parity_emulated=emulated)
+            sections = _sections(quantized, target, options, footprint, fit, result, text, modules, budget_bytes,
+                                 wheel_line)
+            written = bundle.write(out, model_dir, sections, report(result, target, parity), wheel_dir)
             packed = bundle.write_tar(out) if tar else None
     return BuildResult(bundle=str(out), bundle_id=written.id, bundle_bytes=folder_bytes(out), seconds=stage.seconds,
                        peak_rss_bytes=stage.peak_rss_bytes, tar=str(packed) if packed else None, **result)
