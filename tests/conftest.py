@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from commands import FAQ_DEPLOY, TINY_FAQ
 from sshd import Sshd
 
@@ -24,10 +27,31 @@ from faq_deploy.quant.scheme import QuantScheme
 BUILDS = {"x86_bundle", "jetson_bundle", "built", "bundles", "exports"}
 
 
+# Under pytest-xdist (`-n 2 --dist loadgroup`, as the README runs the suite) a module's tests run in one
+# worker, in order, so a module fixture is made once; modules that share the session's in-memory exports
+# go together for the same reason. The bundle builds shared across modules are made once per run by
+# build_once.
+GROUPS = {"test_speculate": "test_export"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker, and every process it starts, runs on its own share of the cores:
+    torch and onnxruntime size their thread pools to the cores a process may use, and two workers whose
+    threads all spun on both cores took 43% more CPU time for the suite than one process did."""
+    worker, workers = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if worker and workers:
+        cores = sorted(os.sched_getaffinity(0))
+        share = set(cores[int(worker.removeprefix("gw"))::int(workers)]) or set(cores)
+        os.sched_setaffinity(0, share)
+        torch.set_num_threads(len(share))  # torch sized its pool when conftest imported it
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if BUILDS & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.heavy)
+        item.add_marker(pytest.mark.xdist_group(GROUPS.get(item.path.stem, item.path.stem)))
 
 
 @pytest.fixture(scope="session")
@@ -81,25 +105,39 @@ def first_blocks(spec: str | None, blocks: int, folder: Path) -> Path:
     return folder
 
 
+def build_once(tmp_path_factory: pytest.TempPathFactory, name: str, *args: str) -> tuple[Path, str]:
+    """`faq-deploy build <args> --out <folder>/<name>` once per test run, with its stdout. Under pytest-xdist
+    the first worker to ask builds and the others wait on the lock and read the same bundle: a session's
+    bundles are only read once built (tests copy one before they change it)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder = root / "builds"
+    folder.mkdir(exist_ok=True)
+    out, stdout = folder / name, folder / f"{name}.stdout"
+    with (folder / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not stdout.exists():  # a failed build leaves none: the next worker tries again, and fails alike
+            done = subprocess.run([*FAQ_DEPLOY, "build", *args, "--out", str(out)], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr[-2000:]
+            stdout.write_text(done.stdout)
+    return out, stdout.read_text()
+
+
 @pytest.fixture(scope="session")
 def x86_bundle(real_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real bundle for this machine (RTN, default target x86) with its wheelhouse and tar."""
-    out = tmp_path_factory.mktemp("wheelhouse") / "x86"
-    done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "x86", "--method", "rtn", "--eval-tokens", "256",
-                           "--wheelhouse", "--tar", "--out", str(out)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return out
+    """A real bundle for this machine (RTN, default target x86) with its wheelhouse and x86.tar beside it."""
+    return build_once(tmp_path_factory, "x86", "--target", "x86", "--method", "rtn", "--eval-tokens", "256",
+                      "--wheelhouse", "--tar")[0]
 
 
 @pytest.fixture(scope="session")
 def jetson_bundle(real_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """`faq-deploy build --target jetson` as the README's first command runs it (FAQ, the builder), at a
     tiny calibration budget and the board's full 8k context, with its --json result."""
-    out = tmp_path_factory.mktemp("bundles") / "jetson"
-    done = subprocess.run([*FAQ_DEPLOY, "build", "--target", "jetson", *TINY_FAQ, "--eval-tokens", "1024",
-                           "--context", "8192", "--out", str(out), "--json"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return out, json.loads(done.stdout)
+    out, stdout = build_once(tmp_path_factory, "jetson", "--target", "jetson", *TINY_FAQ, "--eval-tokens", "1024",
+                             "--context", "8192", "--json")
+    return out, json.loads(stdout)
 
 
 @pytest.fixture(scope="session")
@@ -110,27 +148,40 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     server.stop()
 
 
+# The model the dynamo exporter's tests trace: the default model's first blocks (its trace costs about
+# 10 s plus 3.5 s a block, the whole model's two minutes, and the blocks are alike)
+DYNAMO_BLOCKS = 4
+
+
 class Exports:
     """The default model quantized by RTN (group 32) at each width, with its checkpoint, and each one's
     level-0 export (float activations: the graph that must match torch exactly) by each exporter, made
-    on first use and shared by the session's tests."""
+    on first use and shared by the session's tests. The builder exports the whole model, dynamo its
+    first DYNAMO_BLOCKS blocks: `quantized(bits, exporter)` is the torch model each export matches."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._quantized: dict[int, tuple[models.LoadedModel, QuantizedModel, Path]] = {}
+        self._quantized: dict[tuple[int, str], tuple[models.LoadedModel, QuantizedModel, Path]] = {}
         self._level0: dict[tuple[int, str], Path] = {}
 
-    def quantized(self, bits: int) -> tuple[models.LoadedModel, QuantizedModel, Path]:
-        if bits not in self._quantized:
-            loaded = models.load(None)
+    def quantized(self, bits: int, exporter: str = "builder") -> tuple[models.LoadedModel, QuantizedModel, Path]:
+        if (bits, exporter) not in self._quantized:
+            loaded = models.load(str(self.blocks()) if exporter == "dynamo" else None)
             result = quantize(loaded.model, make_config("rtn", QuantScheme(bits, 32)))
-            folder = checkpoint.save(result, loaded.tokenizer, loaded.ref, self.folder / f"w{bits}" / "checkpoint")
-            self._quantized[bits] = loaded, result, folder
-        return self._quantized[bits]
+            folder = checkpoint.save(result, loaded.tokenizer, loaded.ref,
+                                     self.folder / f"w{bits}-{exporter}" / "checkpoint")
+            self._quantized[bits, exporter] = loaded, result, folder
+        return self._quantized[bits, exporter]
+
+    def blocks(self) -> Path:
+        """The dynamo exporter's model folder."""
+        folder = self.folder / "blocks"
+        return folder if folder.exists() else first_blocks(None, DYNAMO_BLOCKS, folder)
 
     def level0(self, bits: int, exporter: str) -> Path:
         if (bits, exporter) not in self._level0:
-            self._level0[bits, exporter] = export(self.quantized(bits)[2], self.folder / f"w{bits}" / exporter,
+            self._level0[bits, exporter] = export(self.quantized(bits, exporter)[2],
+                                                  self.folder / f"w{bits}-{exporter}" / "model",
                                                   ExportOptions(exporter=exporter, accuracy_level=0))
         return self._level0[bits, exporter]
 
