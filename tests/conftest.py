@@ -27,13 +27,6 @@ from faq_deploy.quant.scheme import QuantScheme
 BUILDS = {"x86_bundle", "jetson_bundle", "built", "bundles", "exports"}
 
 
-# Under pytest-xdist (`-n 2 --dist loadgroup`, as the README runs the suite) a module's tests run in one
-# worker, in order, so a module fixture is made once; modules that share the session's in-memory exports
-# go together for the same reason. The bundle builds shared across modules are made once per run by
-# build_once.
-GROUPS = {"test_speculate": "test_export"}
-
-
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist each worker, and every process it starts, runs on its own share of the cores:
     torch and onnxruntime size their thread pools to the cores a process may use, and two workers whose
@@ -46,12 +39,10 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(len(share))  # torch sized its pool when conftest imported it
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if BUILDS & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.heavy)
-        item.add_marker(pytest.mark.xdist_group(GROUPS.get(item.path.stem, item.path.stem)))
 
 
 @pytest.fixture(scope="session")
