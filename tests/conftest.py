@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -39,7 +39,24 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(len(share))  # torch sized its pool when conftest imported it
 
 
+# Under pytest-xdist (`--dist loadfile --no-loadscope-reorder`, pyproject's addopts) each module runs whole
+# in one worker, and the modules are handed out in collection order. These hold the longest work (a
+# minute or more on one core), longest first, so that the two workers end together; the arm64 emulation
+# (twenty minutes on one core) comes after every other module, so the rest is never slowed by it.
+LONGEST_FIRST = ("test_export", "test_push", "test_gguf", "test_frontier", "test_qwen", "test_budget",
+                 "test_server", "test_awq_faq", "test_speculate")
+LAST = ("test_arm64",)
+
+
+def _turn(item: pytest.Item) -> int:
+    module = item.path.stem
+    if module in LAST:
+        return len(LONGEST_FIRST) + 1
+    return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=_turn)  # stable: a module's tests keep their order
     for item in items:
         if BUILDS & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.heavy)
@@ -96,23 +113,37 @@ def first_blocks(spec: str | None, blocks: int, folder: Path) -> Path:
     return folder
 
 
-def build_once(tmp_path_factory: pytest.TempPathFactory, name: str, *args: str) -> tuple[Path, str]:
-    """`faq-deploy build <args> --out <folder>/<name>` once per test run, with its stdout. Under pytest-xdist
-    the first worker to ask builds and the others wait on the lock and read the same bundle: a session's
-    bundles are only read once built (tests copy one before they change it)."""
+def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test run's own folder: above each worker's under pytest-xdist, the session's folder without."""
     root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the run's folder, above each worker's own
-    folder = root / "builds"
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+def made_once(folder: Path, name: str, make: Callable[[Path], object]) -> Path:
+    """`folder/name`, made by `make` once per test run: under pytest-xdist the first worker to ask makes it
+    and the others wait on the lock and read the same one. What is made so is only read (tests copy it
+    before they change it); a `make` that fails leaves no mark, and the next worker tries again."""
     folder.mkdir(exist_ok=True)
-    out, stdout = folder / name, folder / f"{name}.stdout"
+    out, made = folder / name, folder / f"{name}.made"
     with (folder / f"{name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not stdout.exists():  # a failed build leaves none: the next worker tries again, and fails alike
-            done = subprocess.run([*FAQ_DEPLOY, "build", *args, "--out", str(out)], capture_output=True, text=True)
-            assert done.returncode == 0, done.stderr[-2000:]
-            stdout.write_text(done.stdout)
-    return out, stdout.read_text()
+        if not made.exists():
+            make(out)
+            made.touch()
+    return out
+
+
+def build_once(tmp_path_factory: pytest.TempPathFactory, name: str, *args: str) -> tuple[Path, str]:
+    """`faq-deploy build <args>` once per test run (made_once), with its stdout."""
+    folder = run_folder(tmp_path_factory) / "builds"
+
+    def build(out: Path) -> None:
+        done = subprocess.run([*FAQ_DEPLOY, "build", *args, "--out", str(out)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        out.with_name(f"{name}.stdout").write_text(done.stdout)
+
+    out = made_once(folder, name, build)
+    return out, out.with_name(f"{name}.stdout").read_text()
 
 
 @pytest.fixture(scope="session")
@@ -146,14 +177,14 @@ DYNAMO_BLOCKS = 4
 
 class Exports:
     """The default model quantized by RTN (group 32) at each width, with its checkpoint, and each one's
-    level-0 export (float activations: the graph that must match torch exactly) by each exporter, made
-    on first use and shared by the session's tests. The builder exports the whole model, dynamo its
-    first DYNAMO_BLOCKS blocks: `quantized(bits, exporter)` is the torch model each export matches."""
+    level-0 export (float activations: the graph that must match torch exactly) by each exporter. The
+    builder exports the whole model, dynamo its first DYNAMO_BLOCKS blocks: `quantized(bits, exporter)`
+    is the torch model each export matches, made on first use in each worker (RTN is deterministic);
+    the exports and the cut model are made once per test run (made_once) and only read."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, shared: Path) -> None:
+        self.folder, self.shared = folder, shared
         self._quantized: dict[tuple[int, str], tuple[models.LoadedModel, QuantizedModel, Path]] = {}
-        self._level0: dict[tuple[int, str], Path] = {}
 
     def quantized(self, bits: int, exporter: str = "builder") -> tuple[models.LoadedModel, QuantizedModel, Path]:
         if (bits, exporter) not in self._quantized:
@@ -166,17 +197,14 @@ class Exports:
 
     def blocks(self) -> Path:
         """The dynamo exporter's model folder."""
-        folder = self.folder / "blocks"
-        return folder if folder.exists() else first_blocks(None, DYNAMO_BLOCKS, folder)
+        return made_once(self.shared, "blocks", lambda folder: first_blocks(None, DYNAMO_BLOCKS, folder))
 
     def level0(self, bits: int, exporter: str) -> Path:
-        if (bits, exporter) not in self._level0:
-            self._level0[bits, exporter] = export(self.quantized(bits, exporter)[2],
-                                                  self.folder / f"w{bits}-{exporter}" / "model",
-                                                  ExportOptions(exporter=exporter, accuracy_level=0))
-        return self._level0[bits, exporter]
+        return made_once(self.shared, f"w{bits}-{exporter}",
+                         lambda folder: export(self.quantized(bits, exporter)[2], folder,
+                                               ExportOptions(exporter=exporter, accuracy_level=0)))
 
 
 @pytest.fixture(scope="session")
 def exports(real_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Exports:
-    return Exports(tmp_path_factory.mktemp("exports"))
+    return Exports(tmp_path_factory.mktemp("exports"), run_folder(tmp_path_factory) / "exports")

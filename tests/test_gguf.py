@@ -34,6 +34,7 @@ from faq_deploy.export.steps import export, finish
 from faq_deploy.jobs import quantize_loaded
 from faq_deploy.quant import make_config
 from faq_deploy.quant.gguf import FORMS, GgufFile, rounded_twice, to_codes, widened
+from faq_deploy.quant.gguf_index import GgufIndex
 from faq_deploy.quant.packing import from_matmulnbits, to_matmulnbits
 from faq_deploy.quant.quantizer import QuantizedWeight
 from faq_deploy.quant.scheme import QuantScheme
@@ -99,6 +100,41 @@ def test_a_table_rounded_two_ways_is_recognised_and_two_different_tables_are_not
     other = to_codes(gguf.quants.quantize(np.roll(table, 1, axis=0), T.Q8_0), T.Q8_0, table.shape)
     assert rounded_twice(fine, coarse) and rounded_twice(coarse, fine)
     assert not rounded_twice(fine, other) and not rounded_twice(fine, fine)  # the same codes: one table
+
+
+def test_the_index_finds_what_gguf_py_reads_and_refuses_a_cut_file(tmp_path: Path) -> None:
+    """Every kind of key before the tensors (arrays of strings, of numbers and of arrays are stepped over)
+    and a 64-byte alignment: the tensors' names, types, shapes and bytes are gguf-py's own."""
+    path = tmp_path / "small.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_custom_alignment(64)
+    writer.add_bool("flag", True)
+    writer.add_array("tokens", ["a", "é", "", "long " * 40])
+    writer.add_array("scores", [0.5, -1.0, 2.0])
+    writer.add_array("nested", [[1, 2], [3]])
+    writer.add_float64("ratio", 0.25)
+    writer.add_string("name", "small")
+    tensors = {"q4": (synthetic(T.Q4_0), T.Q4_0), "k6": (synthetic(T.Q6_K, k=256), T.Q6_K),
+               "norm": (np.arange(7, dtype=np.float32), T.F32)}
+    for name, (array, qtype) in tensors.items():
+        writer.add_tensor(name, array, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    index, reader = GgufIndex(path), gguf.GGUFReader(path)
+    assert (index.fields["general.architecture"], index.fields["general.alignment"]) == ("llama", 64)
+    assert (index.fields["flag"], index.fields["ratio"], index.fields["name"]) == (True, 0.25, "small")
+    assert list(index.tensors) == [t.name for t in reader.tensors] == list(tensors)
+    for theirs in reader.tensors:
+        ours = index.tensors[theirs.name]
+        assert (ours.tensor_type, ours.shape) == (theirs.tensor_type, tuple(int(d) for d in theirs.shape))
+        assert ours.data.tobytes() == np.asarray(theirs.data).tobytes() == tensors[theirs.name][0].tobytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="ends at byte 200"):
+        GgufIndex(cut)
 
 
 def _matmul_graph(weights: dict[str, QuantizedWeight], rank: int) -> onnx.ModelProto:

@@ -42,7 +42,6 @@ from typing import ClassVar
 import gguf
 import numpy as np
 import torch
-from gguf.gguf_reader import ReaderTensor
 from gguf.quants import Q4_K
 from torch import nn
 from transformers import PreTrainedModel
@@ -50,6 +49,7 @@ from transformers import PreTrainedModel
 from faq_deploy.architectures import block_linears, packed_units
 from faq_deploy.errors import InvalidQuantConfig
 from faq_deploy.progress import progress
+from faq_deploy.quant.gguf_index import GgufIndex, GgufTensor
 from faq_deploy.quant.packing import exact_in_float16
 from faq_deploy.quant.quantizer import ROWS_PER_SLICE, QuantizedWeight, quantize_linear_, widened
 from faq_deploy.quant.scheme import MethodConfig, QuantScheme
@@ -232,17 +232,17 @@ class GgufFile:
 
     def __init__(self, path: str, model: PreTrainedModel) -> None:
         try:
-            self.reader = gguf.GGUFReader(path)
+            index = GgufIndex(path)
         except (OSError, ValueError) as exc:
             raise InvalidQuantConfig(f"cannot read the GGUF file {path}: {exc}",
                                      "pass the .gguf the model was loaded from") from exc
-        self.arch = str(self.reader.fields["general.architecture"].contents())
+        self.arch = str(index.fields["general.architecture"])
         arch_id = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}.get(self.arch)
         self.names = gguf.get_tensor_name_map(arch_id, model.config.num_hidden_layers) if arch_id else None
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.tensors = index.tensors
         self.config = model.config
 
-    def tensor(self, module: str) -> ReaderTensor | str:
+    def tensor(self, module: str) -> GgufTensor | str:
         """The module's tensor where it has an exact form, or why there is none."""
         if self.names is None:
             return f"the gguf package has no tensor names for architecture {self.arch!r}"
