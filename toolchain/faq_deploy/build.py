@@ -239,7 +239,7 @@ def _finish(model_dir: Path, quantized: _Quantized, options: ExportOptions,
 
 
 def _sections(quantized: _Quantized, target: Target, options: ExportOptions, footprint: checks.Footprint,
-              fit: checks.Assessment, result: dict[str, Any], text: _HeldOut, modules: int,
+              fit: checks.Assessment, result: dict[str, Any], window: int, modules: int,
               budget_bytes: int | None, wheel_line: str | None) -> dict[str, Any]:
     """manifest.json's sections beside the files: where the model came from, how it was quantized and
     exported, what the target needs, what it holds in memory, and what the build measured."""
@@ -257,7 +257,7 @@ def _sections(quantized: _Quantized, target: Target, options: ExportOptions, foo
                    "overhead_bytes": footprint.overhead_bytes, "total_bytes": footprint.total_bytes,
                    "context": result["context"], "fits_gb": list(fit.fits_gb),
                    "decode_ceiling_tokens_s": fit.decode_ceiling_tokens_s},
-        "evaluation": {"text": EVAL_TEXT, "tokens": text.before.tokens, "window": text.before.window,
+        "evaluation": {"text": EVAL_TEXT, "tokens": result["eval_tokens"], "window": window,
                        "perplexity_float": result["perplexity_float"],
                        "perplexity_bundle": result["perplexity_bundle"], "parity": result["parity"],
                        **({"parity_emulated": result["parity_emulated"]} if result["parity_emulated"] else {})},
@@ -329,8 +329,8 @@ def run_build(model_spec: str | None, config: MethodConfig, calibration: Calibra
                 warnings=[p.cause for p in fit.problems], notes=config.notes,
                 perplexity_float=round(text.before.perplexity, 4), perplexity_bundle=round(after.perplexity, 4),
                 eval_tokens=text.before.tokens, parity=asdict(parity), parity_emulated=emulated)
-            sections = _sections(quantized, target, options, footprint, fit, result, text, modules, budget_bytes,
-                                 wheel_line)
+            sections = _sections(quantized, target, options, footprint, fit, result, text.before.window, modules,
+                                 budget_bytes, wheel_line)
             written = bundle.write(out, model_dir, sections, report(result, target, parity), wheel_dir)
             packed = bundle.write_tar(out) if tar else None
     return BuildResult(bundle=str(out), bundle_id=written.id, bundle_bytes=folder_bytes(out), seconds=stage.seconds,
