@@ -42,7 +42,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # Under pytest-xdist (`--dist loadfile --no-loadscope-reorder`, pyproject's addopts) each module runs whole
 # in one worker, and the modules are handed out in collection order. These hold the longest work (a
 # minute or more on one core), longest first, so that the two workers end together; the arm64 emulation
-# (twenty minutes on one core) comes after every other module, so the rest is never slowed by it.
+# (over ten minutes on one core) comes after every other module, so the rest is never slowed by it.
 LONGEST_FIRST = ("test_export", "test_push", "test_gguf", "test_frontier", "test_qwen", "test_budget",
                  "test_server", "test_awq_faq", "test_speculate")
 LAST = ("test_arm64",)
