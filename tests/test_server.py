@@ -209,6 +209,7 @@ def test_values_that_are_not_numbers_or_text_are_refused_before_queueing(served:
                         (b'{"prompt": "Hi", "top_p": -Infinity}', "top_p"),
                         (b'{"prompt": "Hi", "repetition_penalty": ' + b"9" * 400 + b"}", "repetition_penalty"),
                         (b'{"prompt": "\\ud800"}', "prompt"),
+                        (b'{"prompt": "\\u0016"}', "prompt"),  # text the tokenizer drops whole: no tokens
                         (b'{"prompt": "Hi", "stop": ["\\udfff"]}', "stop[0]"),
                         (b'{"prompt": "Hi", "seed": ' + str(1 << 64).encode() + b"}", "seed"),
                         (b'{"prompt": "Hi", "logprobs": 6}', "logprobs"),

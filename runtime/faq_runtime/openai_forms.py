@@ -146,7 +146,10 @@ def _prompt_ids(body: dict[str, Any], generator: Generator) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
     if isinstance(prompt, str) and prompt:
-        return generator.encode(prompt)
+        if ids := generator.encode(prompt):
+            return ids
+        # text made only of what the tokenizer drops (control characters such as U+0016)
+        raise _invalid("'prompt' encodes to no tokens: give it some text", "prompt")
     vocabulary = generator.decoder.spec.vocab_size
     if isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocabulary for t in prompt):
