@@ -12,9 +12,12 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -130,14 +133,37 @@ def _assemble(spec: EmbeddedModel, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _converted_dir(gguf: Path, sha256: str, name: str) -> Path:
+@contextmanager
+def _one_reader_per_file() -> Iterator[None]:
+    """transformers parses the GGUF once for the config, once for the weights and once for the
+    tokenizer, each time with a new gguf-py reader, which reads the vocabulary entry by entry. One
+    reader per file while it converts: 53 → 36 s for Qwen2.5-Coder-0.5B, 20 → 14 s for the default
+    model, the same files written."""
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], gguf.GGUFReader] = {}
+
+    def reader(path: str | os.PathLike[str], mode: str = "r") -> gguf.GGUFReader:
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader  # transformers imports it from the package at each call
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
+def _converted_dir(source: Path, sha256: str, name: str) -> Path:
     """A float32 safetensors copy of a GGUF, made once: transformers needs ~25 s to dequantize the
     GGUF and its tokenizer, the safetensors copy reloads in well under a second."""
     folder = cache_dir() / "models" / f"{name}-{sha256[:12]}"
     if (folder / _SOURCE_FILE).exists():
         return folder
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _one_reader_per_file():
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     # The weights are plain float32 now; a leftover GGUF quantization_config (or a null one)
     # makes transformers refuse to save and breaks tools that read config.json.
     del model.config.quantization_config
@@ -145,16 +171,16 @@ def _converted_dir(gguf: Path, sha256: str, name: str) -> Path:
     with staged_dir(folder) as tmp:  # replaces what an interrupted earlier conversion left
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / _SOURCE_FILE).write_text(json.dumps({"gguf": gguf.name, "sha256": sha256}, indent=2))
+        (tmp / _SOURCE_FILE).write_text(json.dumps({"gguf": source.name, "sha256": sha256}, indent=2))
     return folder
 
 
 def resolve(spec: str | None) -> ModelRef:
     """Turn a --model value into a ModelRef, fetching or converting what is needed."""
     if (entry := embedded(spec)) is not None:
-        gguf = fetch_embedded(entry)
-        folder = _converted_dir(gguf, entry.sha256, entry.name)
-        return ModelRef(entry.name, "embedded", str(folder), entry.sha256, entry.license, entry.upstream, str(gguf))
+        source = fetch_embedded(entry)
+        folder = _converted_dir(source, entry.sha256, entry.name)
+        return ModelRef(entry.name, "embedded", str(folder), entry.sha256, entry.license, entry.upstream, str(source))
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
