@@ -19,6 +19,7 @@ from faq_deploy import checkpoint, data, models
 from faq_deploy.export.options import ExportOptions
 from faq_deploy.export.steps import export
 from faq_deploy.fetch import cache_dir
+from faq_deploy.perplexity import Logits, torch_logits
 from faq_deploy.quant import QuantizedModel, make_config, quantize
 from faq_deploy.quant.scheme import QuantScheme
 
@@ -113,6 +114,20 @@ def first_blocks(spec: str | None, blocks: int, folder: Path) -> Path:
     return folder
 
 
+def remembered(logits: Logits) -> Logits:
+    """`logits`, computed once per token row: tests that read the same windows share one forward."""
+    kept: dict[bytes, torch.Tensor] = {}
+
+    def of(row: torch.Tensor) -> torch.Tensor:
+        key = row.numpy().tobytes()
+        if key not in kept:
+            with torch.inference_mode():
+                kept[key] = logits(row).float()
+        return kept[key]
+
+    return of
+
+
 def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test run's own folder: above each worker's under pytest-xdist, the session's folder without."""
     root = tmp_path_factory.getbasetemp()
@@ -185,6 +200,7 @@ class Exports:
     def __init__(self, folder: Path, shared: Path) -> None:
         self.folder, self.shared = folder, shared
         self._quantized: dict[tuple[int, str], tuple[models.LoadedModel, QuantizedModel, Path]] = {}
+        self._logits: dict[tuple[int, str], Logits] = {}
 
     def quantized(self, bits: int, exporter: str = "builder") -> tuple[models.LoadedModel, QuantizedModel, Path]:
         if (bits, exporter) not in self._quantized:
@@ -194,6 +210,12 @@ class Exports:
                                      self.folder / f"w{bits}-{exporter}" / "checkpoint")
             self._quantized[bits, exporter] = loaded, result, folder
         return self._quantized[bits, exporter]
+
+    def logits(self, bits: int, exporter: str = "builder") -> Logits:
+        """`quantized(bits, exporter)`'s torch logits, each window once per worker."""
+        if (bits, exporter) not in self._logits:
+            self._logits[bits, exporter] = remembered(torch_logits(self.quantized(bits, exporter)[0].model))
+        return self._logits[bits, exporter]
 
     def blocks(self) -> Path:
         """The dynamo exporter's model folder."""
