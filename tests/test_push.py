@@ -136,12 +136,26 @@ def test_first_push_installs_the_runtime_from_the_wheelhouse_then_a_repush_sends
     assert "installed from bundle" in log and "received and verified" in log and "already current" in log
 
 
+def shared_files(first: Path, second: Path) -> dict[str, int]:
+    """The files of bundle `second` that bundle `first` holds with the same bytes: path → size."""
+    held = {(f["size"], f["sha256"]) for f in json.loads((first / MANIFEST).read_text())["files"]}
+    files = json.loads((second / MANIFEST).read_text())["files"]
+    return {f["path"]: f["size"] for f in files if (f["size"], f["sha256"]) in held}
+
+
 def test_second_bundle_keeps_the_first_as_previous_rollback_swaps_and_gc_keeps_both(box: Box, bundles: dict) -> None:
     a, b = id_of(bundles["a"]), id_of(bundles["b"])
     assert box.push(bundles["a"]).returncode == 0
     done = box.push(bundles["b"])
     assert done.returncode == 0, done.stderr
     assert (box.link("current"), box.link("previous")) == (b, a)
+    # b is the same model with another report: only what differs travels, the rest is linked from a
+    shared, report = shared_files(bundles["a"], bundles["b"]), answer(done)
+    assert "model/model.onnx.data" in shared and report["reused_bytes"] == sum(shared.values())
+    manifest_bytes = (bundles["b"] / MANIFEST).stat().st_size  # sent by the stage, not counted
+    assert report["sent_bytes"] == report["bundle_bytes"] - sum(shared.values()) - manifest_bytes
+    data = [box.root / "bundles" / x / "model" / "model.onnx.data" for x in (a, b)]
+    assert os.stat(data[0]).st_ino == os.stat(data[1]).st_ino
     back = box.run("rollback", "device", "--json")
     assert back.returncode == 0 and answer(back) == {"host": "device", "current": a, "previous": b}
     assert (box.link("current"), box.link("previous")) == (a, b)
@@ -149,6 +163,18 @@ def test_second_bundle_keeps_the_first_as_previous_rollback_swaps_and_gc_keeps_b
     assert sorted(os.listdir(box.root / "bundles")) == sorted([a, b])
     state = json.loads((box.root / "state.json").read_text())
     assert [e["event"] for e in state["history"]] == ["deploy", "deploy", "rollback"]
+
+
+def test_a_damaged_file_of_another_bundle_is_sent_not_reused(box: Box, bundles: dict) -> None:
+    assert box.push(bundles["a"]).returncode == 0
+    damaged = box.root / "bundles" / id_of(bundles["a"]) / "model" / "genai_config.json"
+    damaged.write_bytes(damaged.read_bytes().replace(b"{", b"[", 1))
+    done = box.push(bundles["b"])
+    assert done.returncode == 0, done.stderr
+    shared, report = shared_files(bundles["a"], bundles["b"]), answer(done)
+    assert report["reused_bytes"] == sum(shared.values()) - shared["model/genai_config.json"]
+    received = box.root / "bundles" / id_of(bundles["b"]) / "model" / "genai_config.json"
+    assert received.read_bytes() == (bundles["b"] / "model" / "genai_config.json").read_bytes()
 
 
 # --- links that fail --------------------------------------------------------------------------------
@@ -173,12 +199,13 @@ def staged_bytes(box: Box, bundle_id: str) -> int:
 
 def test_a_dropped_link_fails_cleanly_and_the_rerun_sends_only_the_remainder(proxied: Box, proxy: FaultProxy,
                                                                             bundles: dict) -> None:
-    assert proxied.push(bundles["a"]).returncode == 0
+    """On an empty device: a bundle already there would lend b its files (they are a's too), and
+    keeping `current` through a failure before the swap is the self-test test's."""
     proxy.drop_after = 60_000_000
     cut = proxied.push(bundles["b"])
     assert cut.returncode == 14, cut.stderr
     assert "link lost at about" in cut.stderr and "resumes" in cut.stderr
-    assert proxied.link("current") == id_of(bundles["a"])
+    assert proxied.link("current") is None and not (proxied.root / "bundles" / id_of(bundles["b"])).exists()
     kept = staged_bytes(proxied, id_of(bundles["b"]))
     assert 0 < kept < 60_000_000
     resumed = answer(proxied.push(bundles["b"]))

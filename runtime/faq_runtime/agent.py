@@ -6,7 +6,8 @@ acts on the root and answers in JSON, one operation per invocation:
 
     python3 agent.py lock ROOT --owner TEXT --wait S   hold the root's lock until stdin closes
     python3 agent.py state ROOT                        links, bundles, staged parts, runtimes, free disk
-    python3 agent.py stage ROOT ID < manifest.json     make staging/ID, answer each part's size
+    python3 agent.py stage ROOT ID < manifest.json     make staging/ID, link in files other bundles hold,
+                                                       answer each part's size
     python3 agent.py commit ROOT ID                    hash the parts; good: fsync, rename into bundles/
     python3 agent.py verify ROOT ID                    re-hash bundles/ID (is it there, intact?)
     python3 agent.py install ROOT ID                   runtime venv from bundles/ID/wheels, once a version
@@ -197,12 +198,37 @@ def _listdir(path):
         return []
 
 
+def _held_files(root, bundle):
+    """(size, sha256) -> the path of a file with those bytes in another bundle, by its manifest."""
+    held = {}
+    for other in _listdir(_path(root, "bundles")):
+        manifest = _read_json(_path(root, "bundles", other, MANIFEST), None) if other != bundle else None
+        for relative, size, digest in _files(manifest) if manifest else []:
+            held.setdefault((size, digest), _path(root, "bundles", other, relative))
+    return held
+
+
+def _reuse(source, part, size, digest):
+    """Put a held file's bytes at `part`: a hard link (bundles are never changed in place), a copy where
+    the filesystem has none. False when the held file no longer has the manifest's bytes."""
+    if not os.path.isfile(source) or os.path.getsize(source) != size or _sha256(source) != digest:
+        return False
+    try:
+        os.link(source, part)
+    except OSError:
+        shutil.copyfile(source, part)
+    return True
+
+
 def stage(args):
-    """Create staging/ID with the manifest's folders; answer how many bytes of each file are there."""
+    """Create staging/ID with the manifest's folders, link in the files another bundle already holds
+    (a new build for the same board shares its wheelhouse, often its tokenizer); answer how many bytes
+    of each file are there, and which were reused."""
     manifest = json.load(sys.stdin)
     base = _path(args.root, "staging", args.id)
-    have = {}
-    for relative, size, _ in _files(manifest):
+    held = _held_files(args.root, args.id)
+    have, reused = {}, {}
+    for relative, size, digest in _files(manifest):
         part = _path(base, relative + PART)
         os.makedirs(os.path.dirname(part), exist_ok=True)
         try:
@@ -212,8 +238,14 @@ def stage(args):
         if have[relative] > size:  # not this file's bytes: start it again
             os.remove(part)
             have[relative] = 0
+        if have[relative] == 0 and size and (size, digest) in held:
+            if os.path.exists(part):
+                os.remove(part)
+            if _reuse(held[size, digest], part, size, digest):
+                have[relative] = reused[relative] = size
     _write_json(_path(base, MANIFEST + PART), manifest)
-    return _emit({"staged": dict((k.replace(os.sep, "/"), v) for k, v in have.items())})
+    return _emit({"staged": dict((k.replace(os.sep, "/"), v) for k, v in have.items()),
+                  "reused": dict((k.replace(os.sep, "/"), v) for k, v in reused.items())})
 
 
 def commit(args):

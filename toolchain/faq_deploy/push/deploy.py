@@ -62,6 +62,7 @@ class PushReport:
     sent_bytes: int = 0
     bundle_bytes: int = 0
     resumed_bytes: int = 0           # already on the device from an earlier, interrupted push
+    reused_bytes: int = 0            # files another bundle on the device holds: linked there, not sent
     seconds: float = 0.0
     previous: str | None = None
     runtime: str | None = None
@@ -165,7 +166,8 @@ def _already_there(bundle: Bundle, device: Device, state: dict[str, Any]) -> boo
 
 def _receive(bundle: Bundle, device: Device, options: PushOptions, state: dict[str, Any], wheels: bool,
              report: PushReport, say: Say, on_bytes: Callable[[int, int], None]) -> None:
-    """Stage, check free disk, upload what is missing, then commit; damaged files are sent again."""
+    """Check free disk, stage (linking in the files other bundles on the device hold), upload what is
+    missing, then commit; damaged files are sent again."""
     manifest = (bundle.root / MANIFEST).read_bytes()
     sizes = {f["path"]: f["size"] for f in bundle.manifest["files"]}
     staging = device.path("staging", bundle.id)
@@ -176,7 +178,12 @@ def _receive(bundle: Bundle, device: Device, options: PushOptions, state: dict[s
     if report.resumed_bytes:
         say(f"resuming: {report.resumed_bytes:,} bytes already on the device")
     for _ in range(RESEND_ROUNDS + 1):
-        staged = device.op("stage", bundle.id, stdin=manifest)["staged"]
+        # the device hashes each held file it reuses, so the stage may take as long as the commit
+        answer = device.op("stage", bundle.id, stdin=manifest, timeout=options.selftest_timeout)
+        staged, reused = answer["staged"], sum(answer["reused"].values())
+        if reused:
+            report.reused_bytes += reused
+            say(f"reusing {reused:,} bytes that other bundles on the device hold")
         pieces = [transfer.Piece(p, size, staged.get(p, 0)) for p, size in sizes.items() if staged.get(p, 0) < size]
         remaining = sum(p.size - p.offset for p in pieces)
         channels = options.channels or transfer.channels_for(device.connection.rtt(options.stall))
