@@ -67,8 +67,8 @@ def markdown(rows: list[dict], gguf_bytes: int, command: str, checkout: str | No
              f"Float32 model {rows[0]['float_bytes'] / MB:.1f} MB; the GGUF it ships as {gguf_bytes / MB:.1f} MB. "
              f"Perplexity on {rows[0]['eval_tokens']} tokens of speeches-eval (the bundle through onnxruntime at "
              f"{rows[0]['target']}'s accuracy level); agreement: next-token argmax against the quantized torch "
-             f"model on 1,024 tokens. Peak: the build process's resident memory at its highest stage, plus the "
-             f"builder subprocess's peak when it ran in that stage.", "",
+             f"model on 1,024 tokens. Peak: the build process's resident memory at its highest stage, plus what "
+             f"the builder's forked copy added when it ran in that stage.", "",
              "| run | method | bundle MB | vs float32 | vs GGUF | perplexity float → bundle | agreement | "
              + " | ".join(f"{stage} s" for stage in stages) + " | total s | peak GB (stage) |",
              "|---|---|---|---|---|---|---|" + "---|" * (len(stages) + 2)]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from faq_deploy import bundle, checkpoint, checks, emulate, models, wheelhouse
+from faq_deploy import bundle, checkpoint, checks, emulate, forked, models, wheelhouse
 from faq_deploy.data import Calibration, eval_tokens, load_corpus
 from faq_deploy.errors import EmulationError, ExportError
 from faq_deploy.export.codes import check_codes
@@ -104,8 +104,9 @@ def _release_memory() -> None:
 @dataclass
 class Stages:
     """Announces each stage on stderr and records its seconds and peak memory: this process's peak in
-    the stage plus, when a child process (the builder) set a new peak in it, that child's, which bounds
-    what the stage held at once."""
+    the stage plus what a helper added, which bounds what the stage held at once. A forked helper (the
+    builder) reports what it added itself (faq_deploy.forked); a child process otherwise counts when
+    it set a new peak among our children in the stage (pip, the emulator)."""
 
     total: int = STAGES
     seconds: dict[str, float] = field(default_factory=dict)
@@ -117,11 +118,13 @@ class Stages:
         _release_memory()  # each stage starts from what the last one left alive
         with suppress(OSError):  # Linux: restart VmHWM from the current RSS, so the peak is this stage's
             Path("/proc/self/clear_refs").write_text("5")
-        children, start = _children_peak_rss(), time.perf_counter()
+        children, mark, start = _children_peak_rss(), forked.runs(), time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - start, 2)
         child = _children_peak_rss()
-        self.peak_rss_bytes[name] = _own_peak_rss() + (child if child > children else 0)
+        added = forked.added_peak(mark)
+        self.peak_rss_bytes[name] = _own_peak_rss() + (added if added is not None else
+                                                       child if child > children else 0)
 
 
 def _checked(target: Target, config: MethodConfig, export: ExportOptions, footprint: checks.Footprint,

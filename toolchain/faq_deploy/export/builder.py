@@ -7,13 +7,14 @@ with genai_config.json and the tokenizer; `faq_deploy.export.codes` then proves 
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
+
+import torch
 
 from faq_deploy.errors import ExportError
 from faq_deploy.export.graph import MODEL_FILE
 from faq_deploy.export.options import EMBEDDING_NODE, LM_HEAD_NODE, ExportOptions
+from faq_deploy.forked import run_forked
 from faq_runtime.files import staged_dir
 
 # The builder would re-quantize the (tied) embedding and lm_head with its own 4-bit RTN; measured on
@@ -28,15 +29,26 @@ BUILDER_BITS = (3, 4, 5, 8)
 
 
 def export_builder(checkpoint: Path, out: Path, options: ExportOptions) -> Path:
-    """Run the builder on `checkpoint` into `out` (replaced atomically)."""
+    """Run the builder on `checkpoint` into `out` (replaced atomically), in a forked copy of this
+    process (faq_deploy.forked): the same graph as `python -m onnxruntime_genai.models.builder`
+    writes, byte for byte, in 2 s instead of 10 on the default model."""
+    from onnxruntime_genai.models import builder  # ~1 s, and only a build needs it
+
     with staged_dir(out) as tmp:
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(tmp),
-               "-p", "int4", "-e", options.provider, "-c", str(tmp / ".cache"),
-               "--extra_options", f"accuracy_level={options.accuracy_level}", f"nodes_to_exclude={_FLOAT_NODES}"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0 or not (tmp / MODEL_FILE).exists():
-            last = (done.stderr.strip().splitlines() or ["no model.onnx was written"])[-1]
-            raise ExportError(f"the onnxruntime-genai builder failed: {last}",
+        args = ("", str(checkpoint), str(tmp), "int4", options.provider, str(tmp / ".cache"))
+        extra = [f"accuracy_level={options.accuracy_level}", f"nodes_to_exclude={_FLOAT_NODES}"]
+
+        def build() -> None:
+            # OpenMP's worker threads do not survive a fork: a child that asks for more than one
+            # thread waits for them forever in its first parallel region
+            torch.set_num_threads(1)
+            builder.create_model(*args, **builder.parse_extra_options(*args, extra))
+
+        log = tmp / ".builder.log"
+        failure = run_forked(build, log)
+        log.unlink(missing_ok=True)
+        if failure or not (tmp / MODEL_FILE).exists():
+            raise ExportError(f"the onnxruntime-genai builder failed: {failure or 'no model.onnx was written'}",
                               "try --exporter dynamo, or report the model's architecture")
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
     return out
